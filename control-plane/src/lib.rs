@@ -1,0 +1,1 @@
+//! consent-control-plane: consentd and consentctl.

@@ -1,0 +1,1 @@
+//! consent-filter: the proxy-wasm filter that enforces consent in Envoy.
