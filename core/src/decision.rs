@@ -115,9 +115,10 @@ pub enum Enforcement {
 /// Turns a decision into an action. Dry-run changes this, never the decision.
 pub fn enforce(decision: &Decision, mode: Mode) -> Enforcement {
     match (decision.verdict, mode) {
-        (Verdict::Deny(reason), Mode::Enforce) => {
-            Enforcement::Reply { status: reason.http_status(), reason }
-        }
+        (Verdict::Deny(reason), Mode::Enforce) => Enforcement::Reply {
+            status: reason.http_status(),
+            reason,
+        },
         _ => Enforcement::Continue,
     }
 }
@@ -141,7 +142,11 @@ pub fn decide(view: &impl GrantView, request: &Request<'_>, now: UnixSeconds) ->
     let fail_open = request.policy.on_stale == OnStale::Allow;
     match sync {
         None if fail_open => {
-            return Decision { verdict: Verdict::Allow, grant_id: None, revision };
+            return Decision {
+                verdict: Verdict::Allow,
+                grant_id: None,
+                revision,
+            };
         }
         None => return deny(Reason::SnapshotUnavailable, None),
         Some(s) if !fail_open && now - s.last_contact > request.policy.max_staleness_secs => {
@@ -152,9 +157,7 @@ pub fn decide(view: &impl GrantView, request: &Request<'_>, now: UnixSeconds) ->
 
     match request.token {
         TokenEvidence::Rejected(reason) => deny(reason, None),
-        TokenEvidence::Absent if request.policy.token_required => {
-            deny(Reason::MissingToken, None)
-        }
+        TokenEvidence::Absent if request.policy.token_required => deny(Reason::MissingToken, None),
         TokenEvidence::Verified(claims) => {
             if claims.grantee != caller {
                 return deny(Reason::TokenGranteeMismatch, Some(&claims.grant_id));

@@ -82,7 +82,13 @@ pub fn canonical_bytes(grant: &Grant) -> Vec<u8> {
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
     };
-    for s in [&grant.id, &grant.subject, &grant.grantee, &grant.issued_by, &grant.owner] {
+    for s in [
+        &grant.id,
+        &grant.subject,
+        &grant.grantee,
+        &grant.issued_by,
+        &grant.owner,
+    ] {
         str_field(&mut out, s);
     }
     for set in [&grant.purposes, &grant.datasets, &grant.actions] {
@@ -121,7 +127,10 @@ mod tests {
     #[test]
     fn order_does_not_matter_and_removal_undoes_addition() {
         let a = sample();
-        let b = Grant { id: "g2".into(), ..sample() };
+        let b = Grant {
+            id: "g2".into(),
+            ..sample()
+        };
         assert_eq!(Digest::of([&a, &b]), Digest::of([&b, &a]));
         let mut d = Digest::of([&a, &b]);
         d.remove(&b);

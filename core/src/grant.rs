@@ -120,7 +120,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_lifetime_secs: 366 * 24 * 3600, max_entries: 64 }
+        Limits {
+            max_lifetime_secs: 366 * 24 * 3600,
+            max_entries: 64,
+        }
     }
 }
 
@@ -134,7 +137,10 @@ pub struct GrantError {
 
 impl GrantError {
     pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
-        GrantError { field, problem: problem.into() }
+        GrantError {
+            field,
+            problem: problem.into(),
+        }
     }
 }
 
@@ -150,11 +156,17 @@ pub fn check_id(field: &'static str, value: &str) -> Result<(), GrantError> {
         return Err(GrantError::new(field, "must not be empty"));
     }
     if value.len() > MAX_ID_LEN {
-        return Err(GrantError::new(field, format!("longer than {MAX_ID_LEN} bytes")));
+        return Err(GrantError::new(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        ));
     }
     let ok = |c: char| c.is_ascii_alphanumeric() || "._:/@+-=~".contains(c);
     if let Some(bad) = value.chars().find(|&c| !ok(c)) {
-        return Err(GrantError::new(field, format!("{value:?} contains {bad:?}")));
+        return Err(GrantError::new(
+            field,
+            format!("{value:?} contains {bad:?}"),
+        ));
     }
     Ok(())
 }
@@ -180,7 +192,10 @@ fn check_names(
         return Err(GrantError::new(field, "must name at least one"));
     }
     if values.len() > limits.max_entries {
-        return Err(GrantError::new(field, format!("more than {} entries", limits.max_entries)));
+        return Err(GrantError::new(
+            field,
+            format!("more than {} entries", limits.max_entries),
+        ));
     }
     values.iter().try_for_each(|v| check_name(field, v))
 }
@@ -192,7 +207,10 @@ fn check_subset<T: Ord + fmt::Display>(
     whose: &str,
 ) -> Result<(), GrantError> {
     match child.difference(parent).next() {
-        Some(extra) => Err(GrantError::new(field, format!("{extra} is not in the {whose}"))),
+        Some(extra) => Err(GrantError::new(
+            field,
+            format!("{extra} is not in the {whose}"),
+        )),
         None => Ok(()),
     }
 }
@@ -212,7 +230,10 @@ impl Grant {
             return Err(GrantError::new("permissions", "must name at least one"));
         }
         if self.not_before < 0 {
-            return Err(GrantError::new("not_before", "must be a Unix time in seconds"));
+            return Err(GrantError::new(
+                "not_before",
+                "must be a Unix time in seconds",
+            ));
         }
         if self.expires_at <= self.not_before {
             return Err(GrantError::new("expires_at", "must be after not_before"));
@@ -220,13 +241,19 @@ impl Grant {
         if self.expires_at - self.not_before > limits.max_lifetime_secs {
             return Err(GrantError::new(
                 "expires_at",
-                format!("lifetime exceeds the maximum of {} s", limits.max_lifetime_secs),
+                format!(
+                    "lifetime exceeds the maximum of {} s",
+                    limits.max_lifetime_secs
+                ),
             ));
         }
         if let Some(parent) = &self.parent {
             check_id("parent", parent)?;
             if parent == &self.id {
-                return Err(GrantError::new("parent", "a grant cannot be its own parent"));
+                return Err(GrantError::new(
+                    "parent",
+                    "a grant cannot be its own parent",
+                ));
             }
         }
         Ok(())
@@ -235,7 +262,10 @@ impl Grant {
     /// Checks that this grant, shared onward from `parent`, stays inside it.
     pub fn validate_child_of(&self, parent: &Grant) -> Result<(), GrantError> {
         if self.parent.as_deref() != Some(parent.id.as_str()) {
-            return Err(GrantError::new("parent", format!("does not name {}", parent.id)));
+            return Err(GrantError::new(
+                "parent",
+                format!("does not name {}", parent.id),
+            ));
         }
         if !parent.permissions.contains(&Permission::Share) {
             return Err(GrantError::new(
@@ -250,7 +280,10 @@ impl Grant {
             ));
         }
         if self.subject != parent.subject {
-            return Err(GrantError::new("subject", "must equal the parent's subject"));
+            return Err(GrantError::new(
+                "subject",
+                "must equal the parent's subject",
+            ));
         }
         self.check_within(parent, "parent")
     }
@@ -279,10 +312,16 @@ impl Grant {
         check_subset("purposes", &self.purposes, &outer.purposes, whose)?;
         check_subset("permissions", &self.permissions, &outer.permissions, whose)?;
         if self.not_before < outer.not_before {
-            return Err(GrantError::new("not_before", format!("is earlier than the {whose}'s")));
+            return Err(GrantError::new(
+                "not_before",
+                format!("is earlier than the {whose}'s"),
+            ));
         }
         if self.expires_at > outer.expires_at {
-            return Err(GrantError::new("expires_at", format!("is later than the {whose}'s")));
+            return Err(GrantError::new(
+                "expires_at",
+                format!("is later than the {whose}'s"),
+            ));
         }
         Ok(())
     }
@@ -328,6 +367,9 @@ pub(crate) mod tests {
         }
     }
 
+    /// A field name and the edit that should make it invalid.
+    type Case = (&'static str, fn(&mut Grant));
+
     fn field_of(result: Result<(), GrantError>) -> &'static str {
         result.expect_err("expected an invalid grant").field
     }
@@ -340,7 +382,7 @@ pub(crate) mod tests {
     #[test]
     fn validation_names_the_field() {
         let limits = Limits::default();
-        let cases: Vec<(&str, fn(&mut Grant))> = vec![
+        let cases: Vec<Case> = vec![
             ("id", |g| g.id.clear()),
             ("id", |g| g.id = "has space".into()),
             ("id", |g| g.id = "x".repeat(MAX_ID_LEN + 1)),
@@ -351,12 +393,16 @@ pub(crate) mod tests {
             ("purposes", |g| g.purposes.clear()),
             ("purposes", |g| g.purposes = names(&["Care"])),
             ("datasets", |g| g.datasets.clear()),
-            ("datasets", |g| g.datasets = (0..65).map(|i| format!("d{i}")).collect()),
+            ("datasets", |g| {
+                g.datasets = (0..65).map(|i| format!("d{i}")).collect()
+            }),
             ("actions", |g| g.actions = names(&[""])),
             ("permissions", |g| g.permissions.clear()),
             ("not_before", |g| g.not_before = -1),
             ("expires_at", |g| g.expires_at = g.not_before),
-            ("expires_at", |g| g.expires_at = g.not_before + 400 * 24 * 3600),
+            ("expires_at", |g| {
+                g.expires_at = g.not_before + 400 * 24 * 3600
+            }),
             ("parent", |g| g.parent = Some("g1".into())),
             ("parent", |g| g.parent = Some("".into())),
         ];
@@ -390,7 +436,7 @@ pub(crate) mod tests {
     #[test]
     fn a_child_never_exceeds_its_parent() {
         let parent = sample();
-        let cases: Vec<(&str, fn(&mut Grant))> = vec![
+        let cases: Vec<Case> = vec![
             ("datasets", |g| {
                 g.datasets.insert("billing".into());
             }),
@@ -433,7 +479,7 @@ pub(crate) mod tests {
         narrowed.expires_at -= 10;
         narrowed.validate_narrowing_of(&old).unwrap();
 
-        let cases: Vec<(&str, fn(&mut Grant))> = vec![
+        let cases: Vec<Case> = vec![
             ("purposes", |g| {
                 g.purposes.insert("marketing".into());
             }),
@@ -454,6 +500,9 @@ pub(crate) mod tests {
         for p in Permission::ALL {
             assert_eq!(p.as_str().parse::<Permission>().unwrap(), p);
         }
-        assert_eq!("delete".parse::<Permission>().unwrap_err().field, "permissions");
+        assert_eq!(
+            "delete".parse::<Permission>().unwrap_err().field,
+            "permissions"
+        );
     }
 }

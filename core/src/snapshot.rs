@@ -41,7 +41,10 @@ pub enum Update {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
-    Advanced { from: u64, to: u64 },
+    Advanced {
+        from: u64,
+        to: u64,
+    },
     /// Already held: nothing changed.
     Duplicate,
 }
@@ -56,7 +59,11 @@ pub enum ApplyError {
     #[error("snapshot at revision {offered} is older than the held revision {held}")]
     OlderSnapshot { held: u64, offered: u64 },
     #[error("digest mismatch at revision {revision}: expected {expected}, computed {computed}")]
-    DigestMismatch { revision: u64, expected: String, computed: String },
+    DigestMismatch {
+        revision: u64,
+        expected: String,
+        computed: String,
+    },
     #[error("invalid update: {0}")]
     Invalid(String),
 }
@@ -126,7 +133,10 @@ impl Snapshot {
 
     fn apply_snapshot(&mut self, snapshot: FullSnapshot) -> Result<Applied, ApplyError> {
         if snapshot.revision < self.revision {
-            return Err(ApplyError::OlderSnapshot { held: self.revision, offered: snapshot.revision });
+            return Err(ApplyError::OlderSnapshot {
+                held: self.revision,
+                offered: snapshot.revision,
+            });
         }
         let mut grants = HashMap::with_capacity(snapshot.grants.len());
         for grant in snapshot.grants {
@@ -148,13 +158,18 @@ impl Snapshot {
         self.revision = snapshot.revision;
         self.keys = snapshot.keys;
         self.digest = computed;
-        Ok(Applied::Advanced { from, to: snapshot.revision })
+        Ok(Applied::Advanced {
+            from,
+            to: snapshot.revision,
+        })
     }
 
     fn apply_delta(&mut self, delta: Delta) -> Result<Applied, ApplyError> {
         let (held, from, to) = (self.revision, delta.from_revision, delta.to_revision);
         if to <= from {
-            return Err(ApplyError::Invalid(format!("delta goes from {from} to {to}")));
+            return Err(ApplyError::Invalid(format!(
+                "delta goes from {from} to {to}"
+            )));
         }
         if to <= held {
             return Ok(Applied::Duplicate);
@@ -170,7 +185,9 @@ impl Snapshot {
         let mut touched = BTreeSet::new();
         for id in delta.upserts.iter().map(|g| &g.id).chain(&delta.removals) {
             if !touched.insert(id.as_str()) {
-                return Err(ApplyError::Invalid(format!("grant {id} appears twice in one delta")));
+                return Err(ApplyError::Invalid(format!(
+                    "grant {id} appears twice in one delta"
+                )));
             }
         }
         let mut digest = self.digest;
@@ -213,7 +230,11 @@ impl Snapshot {
 }
 
 fn mismatch(revision: u64, expected: Digest, computed: Digest) -> ApplyError {
-    ApplyError::DigestMismatch { revision, expected: expected.to_hex(), computed: computed.to_hex() }
+    ApplyError::DigestMismatch {
+        revision,
+        expected: expected.to_hex(),
+        computed: computed.to_hex(),
+    }
 }
 
 fn index(by_pair: &mut HashMap<(String, String), BTreeSet<String>>, grant: &Grant) {
@@ -246,7 +267,10 @@ impl GrantView for Snapshot {
     }
 
     fn sync_state(&self) -> Option<SyncState> {
-        self.last_contact.map(|last_contact| SyncState { revision: self.revision, last_contact })
+        self.last_contact.map(|last_contact| SyncState {
+            revision: self.revision,
+            last_contact,
+        })
     }
 }
 
@@ -304,9 +328,16 @@ impl SnapshotAssembler {
             return Ok(None);
         }
         let (Some(keys), Some(digest)) = (chunk.keys, chunk.digest) else {
-            return Err(ApplyError::Invalid("the last snapshot chunk has no keys or digest".into()));
+            return Err(ApplyError::Invalid(
+                "the last snapshot chunk has no keys or digest".into(),
+            ));
         };
-        Ok(Some(FullSnapshot { revision: partial.0, grants: partial.3, keys, digest }))
+        Ok(Some(FullSnapshot {
+            revision: partial.0,
+            grants: partial.3,
+            keys,
+            digest,
+        }))
     }
 }
 

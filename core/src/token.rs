@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jwt_simple::prelude::{
-    Audiences, Claims, Duration, EdDSAKeyPairLike, EdDSAPublicKeyLike, Ed25519KeyPair,
-    Ed25519PublicKey, HeaderOptions, JWTClaims, UnixTimeStamp, VerificationOptions,
-};
 use jwt_simple::JWTError;
+use jwt_simple::prelude::{
+    Audiences, Claims, Duration, Ed25519KeyPair, Ed25519PublicKey, EdDSAKeyPairLike,
+    EdDSAPublicKeyLike, HeaderOptions, JWTClaims, UnixTimeStamp, VerificationOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::grant::{Permission, UnixSeconds, check_id};
@@ -64,7 +64,10 @@ pub enum TokenError {
     #[error("token is not compact JWS: {0}")]
     Malformed(&'static str),
     #[error("token header {field}: {problem}")]
-    Header { field: &'static str, problem: String },
+    Header {
+        field: &'static str,
+        problem: String,
+    },
     #[error("no verifying key with kid {0:?}")]
     UnknownKey(String),
     #[error("token signature does not verify")]
@@ -78,7 +81,10 @@ pub enum TokenError {
     #[error("token issuer is not the expected one")]
     WrongIssuer,
     #[error("token claim {field}: {problem}")]
-    Claim { field: &'static str, problem: String },
+    Claim {
+        field: &'static str,
+        problem: String,
+    },
     #[error("cannot sign token: {0}")]
     Signing(String),
 }
@@ -94,11 +100,17 @@ impl TokenError {
     }
 
     fn header(field: &'static str, problem: impl Into<String>) -> Self {
-        TokenError::Header { field, problem: problem.into() }
+        TokenError::Header {
+            field,
+            problem: problem.into(),
+        }
     }
 
     fn claim(field: &'static str, problem: impl Into<String>) -> Self {
-        TokenError::Claim { field, problem: problem.into() }
+        TokenError::Claim {
+            field,
+            problem: problem.into(),
+        }
     }
 }
 
@@ -123,7 +135,11 @@ impl PartialEq for VerifyingKey {
 impl Eq for VerifyingKey {}
 
 impl VerifyingKey {
-    pub fn new(kid: &str, public_key: &[u8], retire_after: UnixSeconds) -> Result<Self, TokenError> {
+    pub fn new(
+        kid: &str,
+        public_key: &[u8],
+        retire_after: UnixSeconds,
+    ) -> Result<Self, TokenError> {
         check_kid(kid)?;
         let raw: [u8; 32] = public_key
             .try_into()
@@ -131,7 +147,12 @@ impl VerifyingKey {
         let parsed = Ed25519PublicKey::from_bytes(&raw)
             .map_err(|_| TokenError::header("kid", format!("key {kid:?} is not an Ed25519 key")))?
             .with_key_id(kid);
-        Ok(VerifyingKey { kid: kid.to_owned(), public_key: raw, retire_after, parsed })
+        Ok(VerifyingKey {
+            kid: kid.to_owned(),
+            public_key: raw,
+            retire_after,
+            parsed,
+        })
     }
 }
 
@@ -143,7 +164,9 @@ pub struct KeySet {
 
 impl KeySet {
     pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> Self {
-        KeySet { keys: keys.into_iter().map(|k| (k.kid.clone(), k)).collect() }
+        KeySet {
+            keys: keys.into_iter().map(|k| (k.kid.clone(), k)).collect(),
+        }
     }
 
     pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
@@ -172,14 +195,19 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
 impl SigningKey {
     pub fn generate(kid: &str) -> Result<Self, TokenError> {
         check_kid(kid)?;
-        Ok(SigningKey { kid: kid.to_owned(), pair: Ed25519KeyPair::generate().with_key_id(kid) })
+        Ok(SigningKey {
+            kid: kid.to_owned(),
+            pair: Ed25519KeyPair::generate().with_key_id(kid),
+        })
     }
 
     /// Restores a key from [`SigningKey::to_bytes`].
@@ -187,7 +215,10 @@ impl SigningKey {
         check_kid(kid)?;
         let pair = Ed25519KeyPair::from_bytes(bytes)
             .map_err(|e| TokenError::Signing(format!("key {kid:?}: {e}")))?;
-        Ok(SigningKey { kid: kid.to_owned(), pair: pair.with_key_id(kid) })
+        Ok(SigningKey {
+            kid: kid.to_owned(),
+            pair: pair.with_key_id(kid),
+        })
     }
 
     /// The 64-byte secret key; store it as a secret.
@@ -232,11 +263,17 @@ impl VerifyOptions {
 
 fn check_kid(kid: &str) -> Result<(), TokenError> {
     if kid.len() > MAX_KID_LEN {
-        return Err(TokenError::header("kid", format!("longer than {MAX_KID_LEN} bytes")));
+        return Err(TokenError::header(
+            "kid",
+            format!("longer than {MAX_KID_LEN} bytes"),
+        ));
     }
     let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     if kid.is_empty() || !kid.chars().all(ok) {
-        return Err(TokenError::header("kid", format!("{kid:?} is not of A-Z a-z 0-9 - _")));
+        return Err(TokenError::header(
+            "kid",
+            format!("{kid:?} is not of A-Z a-z 0-9 - _"),
+        ));
     }
     Ok(())
 }
@@ -249,10 +286,15 @@ pub fn issue(key: &SigningKey, claims: &ConsentClaims) -> Result<String, TokenEr
         purposes: claims.purposes.iter().cloned().collect(),
         datasets: claims.datasets.iter().cloned().collect(),
         actions: claims.actions.iter().cloned().collect(),
-        permissions: claims.permissions.iter().map(|p| p.as_str().to_owned()).collect(),
+        permissions: claims
+            .permissions
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
     };
     let stamp = |t: UnixSeconds| UnixTimeStamp::from_secs(t.max(0) as u64);
-    let mut jwt: JWTClaims<CustomClaims> = Claims::with_custom_claims(custom, Duration::from_secs(0));
+    let mut jwt: JWTClaims<CustomClaims> =
+        Claims::with_custom_claims(custom, Duration::from_secs(0));
     jwt.issued_at = Some(stamp(claims.issued_at));
     jwt.invalid_before = Some(stamp(claims.not_before));
     jwt.expires_at = Some(stamp(claims.expires_at));
@@ -260,7 +302,10 @@ pub fn issue(key: &SigningKey, claims: &ConsentClaims) -> Result<String, TokenEr
     jwt.audiences = Some(Audiences::AsString(claims.audience.clone()));
     jwt.subject = Some(claims.subject.clone());
     jwt.jwt_id = Some(claims.jti.clone());
-    let header = HeaderOptions { signature_type: Some(TOKEN_TYPE.to_owned()), content_type: None };
+    let header = HeaderOptions {
+        signature_type: Some(TOKEN_TYPE.to_owned()),
+        content_type: None,
+    };
     key.pair
         .sign_with_options(jwt, &header)
         .map_err(|e| TokenError::Signing(e.to_string()))
@@ -274,7 +319,10 @@ pub fn verify(
     now: UnixSeconds,
 ) -> Result<ConsentClaims, TokenError> {
     if token.len() > options.max_token_len {
-        return Err(TokenError::TooLarge { len: token.len(), max: options.max_token_len });
+        return Err(TokenError::TooLarge {
+            len: token.len(),
+            max: options.max_token_len,
+        });
     }
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
@@ -286,7 +334,9 @@ pub fn verify(
     decode_part(payload, "payload")?;
     decode_part(signature, "signature")?;
     let kid = check_header(&header)?;
-    let key = keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+    let key = keys
+        .get(&kid)
+        .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
     if key.retire_after != 0 && now > key.retire_after {
         return Err(TokenError::UnknownKey(kid));
     }
@@ -331,8 +381,8 @@ fn decode_part(part: &str, what: &'static str) -> Result<Vec<u8>, TokenError> {
 /// Accepts only the header we issue: `alg` EdDSA, `typ` consent+jwt, a `kid`.
 /// Any other member (`crit`, `jku`, `x5u`, `jwk`, `x5c`, ...) is refused.
 fn check_header(raw: &[u8]) -> Result<String, TokenError> {
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
-        .map_err(|e| TokenError::header("json", e.to_string()))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(raw).map_err(|e| TokenError::header("json", e.to_string()))?;
     for (name, _) in header.iter() {
         if !matches!(name.as_str(), "alg" | "typ" | "kid") {
             let field = match name.as_str() {
@@ -340,7 +390,10 @@ fn check_header(raw: &[u8]) -> Result<String, TokenError> {
                 "jku" | "x5u" | "jwk" | "x5c" => "key reference",
                 _ => "unknown member",
             };
-            return Err(TokenError::header(field, format!("{name:?} is not accepted")));
+            return Err(TokenError::header(
+                field,
+                format!("{name:?} is not accepted"),
+            ));
         }
     }
     match header.get("alg").and_then(|v| v.as_str()) {
@@ -351,7 +404,10 @@ fn check_header(raw: &[u8]) -> Result<String, TokenError> {
     match header.get("typ").and_then(|v| v.as_str()) {
         Some(TOKEN_TYPE) => {}
         other => {
-            return Err(TokenError::header("typ", format!("{other:?} is not {TOKEN_TYPE:?}")));
+            return Err(TokenError::header(
+                "typ",
+                format!("{other:?} is not {TOKEN_TYPE:?}"),
+            ));
         }
     }
     let kid = header
@@ -385,7 +441,8 @@ fn claims_from(
     options: &VerifyOptions,
 ) -> Result<ConsentClaims, TokenError> {
     let secs = |t: Option<UnixTimeStamp>, field: &'static str| {
-        t.map(|t| t.as_secs() as UnixSeconds).ok_or_else(|| TokenError::claim(field, "missing"))
+        t.map(|t| t.as_secs() as UnixSeconds)
+            .ok_or_else(|| TokenError::claim(field, "missing"))
     };
     let expires_at = secs(jwt.expires_at, "exp")?;
     let issued_at = secs(jwt.issued_at, "iat")?;
@@ -397,7 +454,11 @@ fn claims_from(
     let subject = text(jwt.subject, "sub")?;
     let jti = text(jwt.jwt_id, "jti")?;
     let custom = jwt.custom;
-    for (field, id) in [("sub", &subject), ("grantee", &custom.grantee), ("gid", &custom.gid)] {
+    for (field, id) in [
+        ("sub", &subject),
+        ("grantee", &custom.grantee),
+        ("gid", &custom.gid),
+    ] {
         check_id(field, id).map_err(|e| TokenError::claim(field, e.problem))?;
     }
     let permissions = custom

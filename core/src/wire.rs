@@ -26,11 +26,17 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        WireError { field: field.into(), problem: problem.into() }
+        WireError {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 
     fn within(self, prefix: &str) -> Self {
-        WireError { field: format!("{prefix}.{}", self.field), problem: self.problem }
+        WireError {
+            field: format!("{prefix}.{}", self.field),
+            problem: self.problem,
+        }
     }
 }
 
@@ -45,7 +51,10 @@ pub fn permission_from_wire(value: i32, field: &str) -> Result<Permission, WireE
         Ok(v1::Permission::Access) => Ok(Permission::Access),
         Ok(v1::Permission::Process) => Ok(Permission::Process),
         Ok(v1::Permission::Share) => Ok(Permission::Share),
-        _ => Err(WireError::new(field, format!("{value} is not a permission"))),
+        _ => Err(WireError::new(
+            field,
+            format!("{value} is not a permission"),
+        )),
     }
 }
 
@@ -101,7 +110,12 @@ impl TryFrom<v1::Grant> for Grant {
                     cascaded_from: Some(r.cascaded_from).filter(|s| !s.is_empty()),
                 })
             }
-            _ => return Err(WireError::new("status", format!("{} is not a status", w.status))),
+            _ => {
+                return Err(WireError::new(
+                    "status",
+                    format!("{} is not a status", w.status),
+                ));
+            }
         };
         Ok(Grant {
             purposes: names_from_wire(w.purposes, "purposes")?,
@@ -146,7 +160,11 @@ impl From<&Grant> for v1::Grant {
             purposes: g.purposes.iter().cloned().collect(),
             datasets: g.datasets.iter().cloned().collect(),
             actions: g.actions.iter().cloned().collect(),
-            permissions: g.permissions.iter().map(|&p| permission_to_wire(p) as i32).collect(),
+            permissions: g
+                .permissions
+                .iter()
+                .map(|&p| permission_to_wire(p) as i32)
+                .collect(),
             not_before: g.not_before,
             expires_at: g.expires_at,
             parent: g.parent.clone().unwrap_or_default(),
@@ -210,7 +228,10 @@ impl TryFrom<v1::Delta> for Delta {
         if w.to_revision <= w.from_revision {
             return Err(WireError::new(
                 "delta.to_revision",
-                format!("{} is not after from_revision {}", w.to_revision, w.from_revision),
+                format!(
+                    "{} is not after from_revision {}",
+                    w.to_revision, w.from_revision
+                ),
             ));
         }
         Ok(Delta {
@@ -218,7 +239,11 @@ impl TryFrom<v1::Delta> for Delta {
             to_revision: w.to_revision,
             upserts: grants_from_wire(w.upserts, "delta.upserts")?,
             removals: w.removals,
-            keys: w.keys.map(KeySet::try_from).transpose().map_err(|e| e.within("delta"))?,
+            keys: w
+                .keys
+                .map(KeySet::try_from)
+                .transpose()
+                .map_err(|e| e.within("delta"))?,
             digest: digest_from_wire(&w.digest, "delta.digest")?,
         })
     }
@@ -233,7 +258,11 @@ impl TryFrom<v1::SnapshotChunk> for SnapshotChunk {
             index: w.index,
             total: w.total,
             grants: grants_from_wire(w.grants, "snapshot.grants")?,
-            keys: w.keys.map(KeySet::try_from).transpose().map_err(|e| e.within("snapshot"))?,
+            keys: w
+                .keys
+                .map(KeySet::try_from)
+                .transpose()
+                .map_err(|e| e.within("snapshot"))?,
             digest: digest_from_wire(&w.digest, "snapshot.digest")?,
         })
     }
@@ -258,15 +287,19 @@ mod tests {
         }
     }
 
+    type Case = (&'static str, fn(&mut v1::Grant));
+
     #[test]
     fn invalid_wire_grants_name_the_field() {
-        let cases: Vec<(&str, fn(&mut v1::Grant))> = vec![
+        let cases: Vec<Case> = vec![
             ("status", |g| g.status = 0),
             ("status", |g| g.status = 99),
             ("revocation", |g| g.status = v1::GrantStatus::Revoked as i32),
             ("permissions", |g| g.permissions = vec![0]),
             ("permissions", |g| g.permissions = vec![1, 1]),
-            ("purposes", |g| g.purposes = vec!["care".into(), "care".into()]),
+            ("purposes", |g| {
+                g.purposes = vec!["care".into(), "care".into()]
+            }),
         ];
         for (field, mutate) in cases {
             let mut wire = v1::Grant::from(&sample());
@@ -285,15 +318,41 @@ mod tests {
             upserts: vec![v1::Grant::from(&sample()), bad],
             ..Default::default()
         };
-        assert_eq!(Delta::try_from(delta).unwrap_err().field, "delta.upserts[1].status");
-        let backwards = v1::Delta { from_revision: 3, to_revision: 3, ..Default::default() };
-        assert_eq!(Delta::try_from(backwards).unwrap_err().field, "delta.to_revision");
-        let short = v1::Delta { from_revision: 1, to_revision: 2, digest: vec![1; 5], ..Default::default() };
+        assert_eq!(
+            Delta::try_from(delta).unwrap_err().field,
+            "delta.upserts[1].status"
+        );
+        let backwards = v1::Delta {
+            from_revision: 3,
+            to_revision: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            Delta::try_from(backwards).unwrap_err().field,
+            "delta.to_revision"
+        );
+        let short = v1::Delta {
+            from_revision: 1,
+            to_revision: 2,
+            digest: vec![1; 5],
+            ..Default::default()
+        };
         assert_eq!(Delta::try_from(short).unwrap_err().field, "delta.digest");
         let keys = v1::KeySet {
-            keys: vec![v1::VerifyingKey { kid: "k1".into(), public_key: vec![0; 3], retire_after: 0 }],
+            keys: vec![v1::VerifyingKey {
+                kid: "k1".into(),
+                public_key: vec![0; 3],
+                retire_after: 0,
+            }],
         };
-        let chunk = v1::SnapshotChunk { total: 1, keys: Some(keys), ..Default::default() };
-        assert_eq!(SnapshotChunk::try_from(chunk).unwrap_err().field, "snapshot.keys[0]");
+        let chunk = v1::SnapshotChunk {
+            total: 1,
+            keys: Some(keys),
+            ..Default::default()
+        };
+        assert_eq!(
+            SnapshotChunk::try_from(chunk).unwrap_err().field,
+            "snapshot.keys[0]"
+        );
     }
 }
