@@ -1,0 +1,285 @@
+//! The state the services share: the store, the head revision (watched by every
+//! stream), the sidecar registry with recent acknowledgements (watched by
+//! propagation waits), metrics and the shutdown signal.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use consent_core::wire::v1;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::store::{Commit, Result, SidecarRecord, Store, StoreError, now_ms};
+
+/// Recent acknowledgements kept per sidecar, to tell when it reached a revision.
+const ACK_HISTORY: usize = 512;
+
+/// The tunables of the sync stream and the admin API.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub heartbeat: Duration,
+    pub ack_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub snapshot_chunk: usize,
+    pub max_token_ttl_secs: i64,
+    pub token_tolerance_secs: i64,
+    pub issuer: String,
+    pub max_wait: Duration,
+    pub limits: consent_core::Limits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+            snapshot_chunk: 500,
+            max_token_ttl_secs: 900,
+            token_tolerance_secs: 60,
+            issuer: "consentd".into(),
+            max_wait: Duration::from_secs(60),
+            limits: consent_core::Limits::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SidecarState {
+    pub record: SidecarRecord,
+    /// The stream holding this node id; a newer stream replaces an older one.
+    pub stream: u64,
+    pub acks: VecDeque<(u64, i64)>,
+}
+
+pub struct Hub {
+    pub store: Arc<dyn Store>,
+    pub settings: Settings,
+    pub head: watch::Sender<u64>,
+    /// Bumped on every acknowledgement, connection and disconnection.
+    pub acks: watch::Sender<u64>,
+    pub shutdown: watch::Sender<bool>,
+    pub sidecars: Mutex<HashMap<String, SidecarState>>,
+    pub metrics: Metrics,
+    next_stream: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("head", &*self.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a blocking store call off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(StoreError::internal)?
+}
+
+fn intersects(a: &[String], b: &BTreeSet<String>) -> bool {
+    b.is_empty() || a.iter().any(|d| b.contains(d))
+}
+
+impl Hub {
+    /// Loads the head and the known sidecars (all disconnected: no stream survives a restart).
+    pub fn open(store: Arc<dyn Store>, settings: Settings) -> Result<Arc<Hub>> {
+        let head = store.head()?;
+        let now = now_ms();
+        let mut sidecars = HashMap::new();
+        for mut record in store.sidecars()? {
+            if record.connected {
+                record.connected = false;
+                record.since_ms = now;
+                store.save_sidecar(&record)?;
+            }
+            let acks = VecDeque::from([(record.acked_revision, record.acked_at_ms)]);
+            sidecars.insert(
+                record.node_id.clone(),
+                SidecarState {
+                    record,
+                    stream: 0,
+                    acks,
+                },
+            );
+        }
+        Ok(Arc::new(Hub {
+            store,
+            settings,
+            head: watch::Sender::new(head),
+            acks: watch::Sender::new(0),
+            shutdown: watch::Sender::new(false),
+            sidecars: Mutex::new(sidecars),
+            metrics: Metrics::default(),
+            next_stream: std::sync::atomic::AtomicU64::new(1),
+        }))
+    }
+
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Publishes a commit to every stream. Writes finish out of order across
+    /// tasks, so the head only ever moves forward.
+    pub fn committed(&self, commit: &Commit) {
+        self.head.send_if_modified(|h| {
+            let moved = commit.revision > *h;
+            *h = (*h).max(commit.revision);
+            moved
+        });
+    }
+
+    fn bump_acks(&self) {
+        self.acks.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn persist(&self, record: SidecarRecord) {
+        let store = self.store.clone();
+        // Sidecar bookkeeping is advisory: a failure is logged, never fatal to the stream.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_sidecar(&record) {
+                tracing::warn!(node = %record.node_id, "cannot record sidecar: {e}");
+            }
+        });
+    }
+
+    pub fn connect(&self, hello: &v1::Hello, datasets: &BTreeSet<String>) -> u64 {
+        let stream = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = now_ms();
+        let record = {
+            let mut map = self.sidecars.lock().expect("sidecars");
+            let entry = map
+                .entry(hello.node_id.clone())
+                .or_insert_with(|| SidecarState {
+                    record: SidecarRecord {
+                        node_id: hello.node_id.clone(),
+                        ..Default::default()
+                    },
+                    stream,
+                    acks: VecDeque::new(),
+                });
+            entry.stream = stream;
+            entry.record.datasets = datasets.iter().cloned().collect();
+            entry.record.connected = true;
+            entry.record.since_ms = now;
+            entry.record.filter_version = hello.filter_version.clone();
+            entry.record.clone()
+        };
+        self.persist(record);
+        self.bump_acks();
+        stream
+    }
+
+    pub fn disconnect(&self, node_id: &str, stream: u64) {
+        let record = {
+            let mut map = self.sidecars.lock().expect("sidecars");
+            match map.get_mut(node_id) {
+                Some(s) if s.stream == stream => {
+                    s.record.connected = false;
+                    s.record.since_ms = now_ms();
+                    s.stream = 0;
+                    Some(s.record.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(record) = record {
+            self.persist(record);
+            self.bump_acks();
+        }
+    }
+
+    pub fn ack(&self, node_id: &str, stream: u64, revision: u64) {
+        let now = now_ms();
+        let record = {
+            let mut map = self.sidecars.lock().expect("sidecars");
+            match map.get_mut(node_id) {
+                Some(s) if s.stream == stream && revision > s.record.acked_revision => {
+                    s.record.acked_revision = revision;
+                    s.record.acked_at_ms = now;
+                    s.acks.push_back((revision, now));
+                    if s.acks.len() > ACK_HISTORY {
+                        s.acks.pop_front();
+                    }
+                    Some(s.record.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(record) = record {
+            self.persist(record);
+            self.bump_acks();
+        }
+    }
+
+    pub fn list_sidecars(&self) -> Vec<SidecarRecord> {
+        let map = self.sidecars.lock().expect("sidecars");
+        let mut out: Vec<_> = map.values().map(|s| s.record.clone()).collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
+    }
+
+    /// Who has acknowledged `revision` among the sidecars subscribed to any of
+    /// `datasets` (all when empty): every connected one, and those that
+    /// disconnected after it committed, since they may hold the state before it.
+    pub fn propagation(
+        &self,
+        revision: u64,
+        datasets: &BTreeSet<String>,
+        committed_ms: i64,
+    ) -> v1::PropagationResponse {
+        let map = self.sidecars.lock().expect("sidecars");
+        let mut sidecars = Vec::new();
+        let mut complete = true;
+        let mut ids: Vec<&String> = map.keys().collect();
+        ids.sort();
+        for id in ids {
+            let s = &map[id];
+            if !intersects(&s.record.datasets, datasets) {
+                continue;
+            }
+            if !s.record.connected && s.record.since_ms < committed_ms {
+                continue;
+            }
+            let acknowledged = s.record.acked_revision >= revision;
+            let acked_at_ms = if acknowledged {
+                s.acks
+                    .iter()
+                    .find(|(r, _)| *r >= revision)
+                    .map(|(_, t)| *t)
+                    .unwrap_or(s.record.acked_at_ms)
+            } else {
+                0
+            };
+            if s.record.connected && !acknowledged {
+                complete = false;
+            }
+            sidecars.push(v1::SidecarAck {
+                node_id: s.record.node_id.clone(),
+                acknowledged,
+                acked_revision: s.record.acked_revision,
+                acked_at_ms,
+                latency_ms: if acknowledged {
+                    (acked_at_ms - committed_ms).max(0)
+                } else {
+                    0
+                },
+                connected: s.record.connected,
+            });
+        }
+        v1::PropagationResponse {
+            revision,
+            complete,
+            sidecars,
+        }
+    }
+}
