@@ -2,6 +2,8 @@
 //! The glue to proxy-wasm lives in `glue` (wasm only); every other module is
 //! pure and tested natively.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod check;
 pub mod config;
