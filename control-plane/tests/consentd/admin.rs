@@ -15,10 +15,14 @@ async fn create_get_list_amend_and_revoke_cascading() {
     child_req.parent = "g-parent".into();
     child_req.grantee = "spiffe://mesh/ns/partner/sa/lab".into();
     child_req.permissions = vec![v1::Permission::Access as i32, v1::Permission::Share as i32];
+    child_req.purposes = vec!["care".into()];
+    child_req.expires_at = parent.expires_at - 120;
     let child = create(&mut admin, child_req).await;
     let mut grandchild_req = grant("g-grandchild", &["labs"]);
     grandchild_req.parent = "g-child".into();
     grandchild_req.permissions = vec![v1::Permission::Access as i32];
+    grandchild_req.purposes = vec!["care".into()];
+    grandchild_req.expires_at = parent.expires_at - 180;
     let grandchild = create(&mut admin, grandchild_req).await;
     let mut other = grant("g-other", &["billing"]);
     other.subject = "patient-2".into();
