@@ -130,7 +130,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Starts the sidecar: compiles the module, runs the canary (`on_vm_start`
-    /// + `on_configure` on a throw-away VM), then starts the main VM and each
+    /// and `on_configure` on a throw-away VM), then starts the main VM and each
     /// worker's VM with its root context. Must run inside a tokio runtime,
     /// which carries the callouts.
     pub async fn start(config: SidecarConfig) -> Result<Sidecar, SimError> {
