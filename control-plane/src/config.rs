@@ -71,6 +71,15 @@ pub struct Config {
     /// Longest WaitPropagation, in milliseconds.
     #[arg(long, env = "CONSENTD_MAX_WAIT_MS", default_value_t = 60_000)]
     pub max_wait_ms: u64,
+    /// PEM certificate chain of the gRPC port; with --tls-key it serves TLS only.
+    #[arg(long, env = "CONSENTD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8) of --tls-cert.
+    #[arg(long, env = "CONSENTD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "CONSENTD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "CONSENTD_LOG", default_value = "info")]
     pub log: String,
@@ -159,6 +168,26 @@ impl Config {
         Ok(Tokens { admin, sidecar })
     }
 
+    /// The TLS configuration of the gRPC port, when certificates are configured.
+    pub fn tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).with_context(|| format!("cannot read the TLS {what} {}", p.display()))
+        };
+        let identity =
+            tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "client CA",
+            )?));
+        }
+        Ok(Some(tls))
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             heartbeat: Duration::from_millis(self.heartbeat_ms.max(1)),
@@ -171,5 +200,61 @@ impl Config {
             max_wait: Duration::from_millis(self.max_wait_ms),
             limits: consent_core::Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("consentd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_config_file_becomes_flags_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consentd.conf");
+        std::fs::write(
+            &path,
+            "# comment\ndb = \"/data/c.db\"\ndev = true\nheartbeat-ms = 100\n",
+        )
+        .unwrap();
+        let args = file_args(&path).unwrap();
+        assert_eq!(args, ["--db=/data/c.db", "--dev", "--heartbeat-ms=100"]);
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend(["--heartbeat-ms", "7"]);
+        let config = parse(&all);
+        assert_eq!(
+            (config.db.to_str(), config.dev, config.heartbeat_ms),
+            (Some("/data/c.db"), true, 7)
+        );
+        std::fs::write(&path, "no equals sign\n").unwrap();
+        assert!(file_args(&path).unwrap_err().to_string().contains(":1:"));
+    }
+
+    #[test]
+    fn only_dev_mode_runs_without_tokens_and_only_on_loopback() {
+        assert!(parse(&["--dev"]).tokens().unwrap().admin.is_none());
+        let err = parse(&["--dev", "--listen", "0.0.0.0:7070"])
+            .tokens()
+            .unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let err = parse(&[]).tokens().unwrap_err();
+        assert!(err.to_string().contains("--dev"), "{err}");
+        let err = parse(&[
+            "--admin-token",
+            "short",
+            "--sidecar-token",
+            "x".repeat(16).as_str(),
+        ])
+        .tokens()
+        .unwrap_err();
+        assert!(err.to_string().contains("16"), "{err}");
+        let t = "t".repeat(20);
+        let tokens = parse(&["--admin-token", &t, "--sidecar-token", &t])
+            .tokens()
+            .unwrap();
+        assert_eq!(tokens.admin.as_deref(), Some(t.as_str()));
     }
 }

@@ -48,6 +48,7 @@ pub async fn serve(
     store: Arc<dyn Store>,
     settings: Settings,
     tokens: Tokens,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     grpc: TcpListener,
     ops: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -90,7 +91,13 @@ pub async fn serve(
 
     let health_on_stop = health.clone();
     let hub_for_grpc = hub.clone();
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("invalid TLS configuration")?;
+    }
+    let grpc_server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)

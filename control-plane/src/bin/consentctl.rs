@@ -36,6 +36,24 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
     output: Output,
+    /// PEM CA certificate to verify consentd's TLS certificate (use an https:// --server).
+    #[arg(long, env = "CONSENTCTL_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate and key (PKCS#8), when consentd requires mTLS.
+    #[arg(
+        long,
+        env = "CONSENTCTL_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "CONSENTCTL_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// Who is acting, recorded in the audit log (default: $USER).
     #[arg(long, env = "CONSENTCTL_ACTOR", global = true)]
     actor: Option<String>,
@@ -503,9 +521,27 @@ async fn run() -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "consentctl".into());
-    let channel = tonic::transport::Endpoint::from_shared(cli.server.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(cli.server.clone())
         .with_context(|| format!("--server {:?} is not a URL", cli.server))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if cli.server.starts_with("https://") || cli.ca_cert.is_some() {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca_cert {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("invalid TLS configuration")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot connect to consentd at {}", cli.server))?;

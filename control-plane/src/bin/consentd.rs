@@ -25,6 +25,7 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let tokens = config.tokens()?;
+    let tls = config.tls()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -55,6 +56,7 @@ fn run() -> anyhow::Result<()> {
             store,
             config.settings(),
             tokens,
+            tls,
             grpc,
             ops,
             shutdown_signal(),

@@ -109,3 +109,52 @@ async fn health_reflection_and_ops_endpoints_answer() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_verified_clients_and_refuses_plaintext() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let read = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
+    let tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read("server.pem"), read("server.key")));
+    let server = Server::start_tls(test_settings(), Some(tls)).await;
+
+    let url = format!("https://localhost:{}", server.addr.port());
+    let client_tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
+    let channel = Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(client_tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(Some(format!("Bearer {ADMIN_TOKEN}").parse().unwrap()));
+    let mut admin =
+        consent_control_plane::proto::consent_admin_client::ConsentAdminClient::with_interceptor(
+            channel, bearer,
+        );
+    create(&mut admin, grant("g-1", &["labs"])).await;
+
+    // Plaintext to the TLS port fails, and so does TLS to a client that does not trust the CA.
+    let refused = |endpoint: Endpoint| async move {
+        match endpoint.connect().await {
+            Err(_) => true,
+            Ok(channel) => {
+                consent_control_plane::proto::consent_admin_client::ConsentAdminClient::new(channel)
+                    .list_grants(v1::ListGrantsRequest::default())
+                    .await
+                    .is_err()
+            }
+        }
+    };
+    assert!(
+        refused(Endpoint::from_shared(server.url()).unwrap()).await,
+        "plaintext"
+    );
+    let untrusting = Endpoint::from_shared(format!("https://localhost:{}", server.addr.port()))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new())
+        .unwrap();
+    assert!(refused(untrusting).await, "a client without the CA");
+    server.stop().await;
+}

@@ -55,6 +55,13 @@ impl Server {
     }
 
     pub async fn start_with(settings: Settings) -> Server {
+        Server::start_tls(settings, None).await
+    }
+
+    pub async fn start_tls(
+        settings: Settings,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let store = consent_control_plane::server::open_store(dir.path().join("consentd.db"))
             .await
@@ -71,6 +78,7 @@ impl Server {
             store.clone(),
             settings,
             tokens,
+            tls,
             grpc,
             ops,
             async move {
