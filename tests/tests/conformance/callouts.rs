@@ -353,3 +353,56 @@ async fn http_call_is_bridged_to_a_loopback_server() {
         "{head}"
     );
 }
+
+/// proxy_grpc_call: one request, then on_grpc_receive with the response on the
+/// root context; call tokens are odd (stream tokens even) and a successful
+/// call gets no on_grpc_close.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_call_delivers_one_response_to_the_root_context() {
+    let server = EchoGrpc::default();
+    let url = serve_grpc(server.clone()).await;
+    let mut g = Guest::new();
+    let (up, svc, m, md, msg) = (
+        g.s("echo"),
+        g.s("test.Echo"),
+        g.s("Echo"),
+        g.s(pairs(&[])),
+        g.s("hi"),
+    );
+    let n: Vec<String> = ["gc:call", "gc:odd", "gc:ctx", "gc:size", "gc:close"]
+        .iter()
+        .map(|s| g.s(s))
+        .collect();
+    let g = g.func(&format!(
+        r#"(global $done (mut i32) (i32.const 0))
+           (func (export "proxy_on_configure") (param i32 i32) (result i32) (drop (call $set_tick (i32.const 100))) (i32.const 1))
+           (func (export "proxy_on_tick") (param i32)
+             (if (global.get $done) (then (return)))
+             (global.set $done (i32.const 1))
+             (call $say {n0} (call $grpc_call {up} {svc} {m} {md} {msg} (i32.const 5000) (i32.const 520)))
+             (call $say {n1} (i32.and (i32.load (i32.const 520)) (i32.const 1))))
+           (func (export "proxy_on_grpc_receive") (param $c i32) (param $t i32) (param $size i32)
+             (call $say {n2} (local.get $c))
+             (call $say {n3} (local.get $size))
+             (drop (call $get_buffer (i32.const 5) (i32.const 0) (local.get $size) (i32.const 512) (i32.const 516)))
+             (call $print (i32.load (i32.const 512)) (i32.load (i32.const 516))))
+           (func (export "proxy_on_grpc_close") (param i32 i32 i32) (call $say {n4} (local.get 2)))"#,
+        n0 = n[0], n1 = n[1], n2 = n[2], n3 = n[3], n4 = n[4]
+    ));
+    let sidecar = grpc_sidecar(g, url).await;
+    sidecar
+        .advance(Duration::from_millis(100))
+        .await
+        .expect("tick");
+    wait_for(&sidecar, "echo:hi").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let lines: Vec<String> = said(&sidecar, "")
+        .into_iter()
+        .filter(|m| m.starts_with("gc:") || m.starts_with("echo:"))
+        .collect();
+    assert_eq!(
+        lines,
+        ["gc:call=0", "gc:odd=1", "gc:ctx=1", "gc:size=7", "echo:hi"]
+    );
+    assert_eq!(server.seen().messages, [b"hi".to_vec()]);
+}

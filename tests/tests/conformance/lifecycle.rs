@@ -501,3 +501,45 @@ async fn a_trap_with_fail_open_bypasses_the_filter() {
         "filter bypassed"
     );
 }
+
+/// A root callback may answer a paused stream: set_effective_context, then
+/// send_local_response; the reply goes out once the root callback returns and
+/// the request never reaches the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn paused_stream_can_be_answered_from_a_root_callback() {
+    let mut g = Guest::new();
+    let (details, body, hdrs) = (g.s("denied"), g.s("late no"), g.s(pairs(&[])));
+    let g = g.func(&format!(
+        r#"(global $paused (mut i32) (i32.const 0))
+           (func (export "proxy_on_configure") (param i32 i32) (result i32) (drop (call $set_tick (i32.const 1000))) (i32.const 1))
+           (func (export "proxy_on_request_headers") (param $c i32) (param i32 i32) (result i32)
+             (global.set $paused (local.get $c)) (i32.const 1))
+           (func (export "proxy_on_tick") (param i32)
+             (if (global.get $paused) (then
+               (drop (call $set_effective (global.get $paused)))
+               (drop (call $local_response (i32.const 451) {details} {body} {hdrs} (i32.const -1)))
+               (global.set $paused (i32.const 0)))))"#
+    ));
+    let sidecar = Sidecar::start(SidecarConfig {
+        workers: 1,
+        clock: SimClock::frozen_at(0),
+        ..SidecarConfig::new(g.build())
+    })
+    .await
+    .expect("starts");
+    let send = sidecar.send(HttpRequest::get("/a"));
+    tokio::pin!(send);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut send)
+            .await
+            .is_err(),
+        "paused"
+    );
+    sidecar
+        .advance(Duration::from_secs(1))
+        .await
+        .expect("ticks");
+    let resp = send.await.expect("answered");
+    assert_eq!((resp.status, resp.body_text().as_str()), (451, "late no"));
+    assert!(resp.upstream_request.is_none());
+}
