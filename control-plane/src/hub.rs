@@ -63,6 +63,9 @@ pub struct Hub {
     pub sidecars: Mutex<HashMap<String, SidecarState>>,
     pub metrics: Metrics,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Sidecar records to persist, written in order by one thread so that a
+    /// disconnect is never overwritten by the connect before it.
+    persist: std::sync::mpsc::Sender<SidecarRecord>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -110,7 +113,22 @@ impl Hub {
                 },
             );
         }
+        let (persist, queue) = std::sync::mpsc::channel::<SidecarRecord>();
+        let writer = store.clone();
+        std::thread::Builder::new()
+            .name("consentd-sidecars".into())
+            .spawn(move || {
+                // Ends when the hub, and with it the sender, is dropped.
+                while let Ok(record) = queue.recv() {
+                    // Sidecar bookkeeping is advisory: a failure is logged, never fatal to a stream.
+                    if let Err(e) = writer.save_sidecar(&record) {
+                        tracing::warn!(node = %record.node_id, "cannot record sidecar: {e}");
+                    }
+                }
+            })
+            .map_err(StoreError::internal)?;
         Ok(Arc::new(Hub {
+            persist,
             store,
             settings,
             head: watch::Sender::new(head),
@@ -141,13 +159,7 @@ impl Hub {
     }
 
     fn persist(&self, record: SidecarRecord) {
-        let store = self.store.clone();
-        // Sidecar bookkeeping is advisory: a failure is logged, never fatal to the stream.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.save_sidecar(&record) {
-                tracing::warn!(node = %record.node_id, "cannot record sidecar: {e}");
-            }
-        });
+        let _ = self.persist.send(record);
     }
 
     pub fn connect(&self, hello: &v1::Hello, datasets: &BTreeSet<String>) -> u64 {
