@@ -262,7 +262,13 @@ async fn streams_opened_by_the_canary_die_with_it() {
     .expect("starts");
     // The canary's stream is reset when the canary goes, or never gets as far
     // as the server; either way only the worker's stream stays open.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..250 {
+        if !server.seen().paths.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = server.seen();
     let survived = seen.paths.len() - usize::from(seen.cancelled);
     assert_eq!(survived, 1, "only the worker's stream is alive: {seen:?}");
@@ -405,4 +411,58 @@ async fn grpc_call_delivers_one_response_to_the_root_context() {
         ["gc:call=0", "gc:odd=1", "gc:ctx=1", "gc:size=7", "echo:hi"]
     );
     assert_eq!(server.seen().messages, [b"hi".to_vec()]);
+}
+
+/// An HTTP call that fails (nothing listens) still calls
+/// on_http_call_response, with no headers, body or trailers, and get_status
+/// says BROKEN_CONNECTION ("reset").
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_http_call_reports_an_empty_response() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let mut g = Guest::new();
+    let (web, empty) = (g.s("web"), g.s(""));
+    let headers = g.s(pairs(&[
+        (":method", "GET"),
+        (":path", "/"),
+        (":authority", "web"),
+    ]));
+    let n: Vec<String> = ["hf:call", "hf:counts", "hf:status"]
+        .iter()
+        .map(|s| g.s(s))
+        .collect();
+    let g = g.func(&format!(
+        r#"(global $done (mut i32) (i32.const 0))
+           (func (export "proxy_on_configure") (param i32 i32) (result i32) (drop (call $set_tick (i32.const 100))) (i32.const 1))
+           (func (export "proxy_on_tick") (param i32)
+             (if (global.get $done) (then (return)))
+             (global.set $done (i32.const 1))
+             (call $say {n0} (call $http_call {web} {headers} {empty} {empty} (i32.const 2000) (i32.const 520))))
+           (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+             (call $say {n1} (i32.add (i32.add (local.get 2) (local.get 3)) (local.get 4)))
+             (drop (call $get_status (i32.const 600) (i32.const 512) (i32.const 516)))
+             (call $say {n2} (i32.load (i32.const 600)))
+             (call $print (i32.load (i32.const 512)) (i32.load (i32.const 516))))"#,
+        n0 = n[0], n1 = n[1], n2 = n[2]
+    ));
+    let sidecar = Sidecar::start(SidecarConfig {
+        workers: 1,
+        clusters: vec![("web".into(), dead)],
+        clock: SimClock::frozen_at(0),
+        ..SidecarConfig::new(g.build())
+    })
+    .await
+    .expect("starts");
+    sidecar
+        .advance(Duration::from_millis(100))
+        .await
+        .expect("tick");
+    wait_for(&sidecar, "reset").await;
+    let lines: Vec<String> = said(&sidecar, "")
+        .into_iter()
+        .filter(|m| m.starts_with("hf:") || m == "reset")
+        .collect();
+    assert_eq!(lines, ["hf:call=0", "hf:counts=0", "hf:status=11", "reset"]);
 }

@@ -249,18 +249,27 @@ async fn shared_queue_notifies_the_last_registrant_on_its_worker() {
         ready,
         [("worker 1".to_string(), "sq:ready_ctx=1".to_string())]
     );
+    // Workers run in parallel: compare each worker's own sequence.
+    let of = |vm: &str| -> Vec<String> {
+        said_by(&sidecar, "sq:")
+            .into_iter()
+            .filter(|(v, _)| v == vm)
+            .map(|(_, m)| m)
+            .collect()
+    };
     assert_eq!(
-        said(&sidecar, "sq:"),
+        of("worker 1"),
         [
             "sq:token=1",
-            "sq:resolve=0",
-            "sq:enqueue=0",
-            "sq:resolve_missing=1",
             "sq:ready_ctx=1",
             "sq:dequeue=0",
             "sq:size=4",
             "sq:dequeue_again=7"
         ]
+    );
+    assert_eq!(
+        of("worker 0"),
+        ["sq:resolve=0", "sq:enqueue=0", "sq:resolve_missing=1"]
     );
     // Worker 0 registers last: it now gets the notifications.
     sidecar
