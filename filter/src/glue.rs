@@ -256,6 +256,7 @@ impl RootContext for Root {
         };
         let mut dequeue = || queue.and_then(|q| hostcalls::dequeue_shared_queue(q).ok().flatten());
         let now = now_ms();
+        let was_leader = syncer.is_leader();
         syncer.tick(
             &Host,
             &mut Grpc {
@@ -265,6 +266,12 @@ impl RootContext for Root {
             now,
             random(),
         );
+        // Operators find the worker that holds the control-plane stream by this line.
+        match (was_leader, syncer.is_leader()) {
+            (false, true) => log(LogLevel::Info, "consent: this worker took the sync lease"),
+            (true, false) => log(LogLevel::Info, "consent: this worker lost the sync lease"),
+            _ => {}
+        }
         if syncer.is_leader() {
             let view = SharedView::new(&Host, &keys);
             if let Some(meta) = view.meta() {

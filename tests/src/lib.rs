@@ -37,6 +37,7 @@ mod error;
 mod exchange;
 mod hostcalls;
 mod hostcalls_http;
+pub mod mesh;
 mod properties;
 mod shared;
 mod sidecar;

@@ -316,6 +316,18 @@ impl Sidecar {
             .is_some_and(|token| self.env.queues.enqueue(token, value.to_vec()).is_ok())
     }
 
+    /// Breaks worker `index`'s VM as a trap would: from now on it gets no
+    /// callbacks and its requests answer 503 (or bypass it when fail-open).
+    pub async fn inject_trap(&self, index: usize) -> Result<(), SimError> {
+        let worker = self.workers.get(index).ok_or(SimError::Stopped)?;
+        let (done, rx) = oneshot::channel();
+        worker
+            .jobs
+            .send(Job::Trap(done))
+            .map_err(|_| SimError::Stopped)?;
+        rx.await.map_err(|_| SimError::Stopped)
+    }
+
     /// Whether a trap has broken this worker's VM.
     pub fn worker_failed(&self, index: usize) -> bool {
         self.workers

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::callout::GrpcEvent;
 use crate::exchange::{Headers, HttpRequest, HttpResponse, UpstreamRequest};
+use crate::shared::LogLevel;
 use crate::state::{HttpCallResponse, LocalReply, Phase, RequestMeta, Stream};
 use crate::vm::Vm;
 
@@ -36,6 +37,8 @@ pub enum Job {
     },
     /// Runs due timers, then answers: everything posted before it is done.
     Sync(oneshot::Sender<()>),
+    /// Breaks the VM as a trap in a callback would (fault injection for tests).
+    Trap(oneshot::Sender<()>),
     Stop,
 }
 
@@ -108,6 +111,16 @@ impl Worker {
             }
             Job::Sync(done) => {
                 self.run_due_timer();
+                let _ = done.send(());
+            }
+            Job::Trap(done) => {
+                let state = self.vm.state();
+                state.failed = true;
+                state.log(
+                    LogLevel::Critical,
+                    "wasm trap injected by the test".to_owned(),
+                );
+                self.failed.store(true, Ordering::SeqCst);
                 let _ = done.send(());
             }
             Job::Stop => {}
