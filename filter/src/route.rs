@@ -203,10 +203,13 @@ mod tests {
         )
     }
 
+    /// A path, and the parameters it should extract (`None`: no match).
+    type Case = (&'static str, Option<Vec<(String, String)>>);
+
     #[test]
     fn templates_match_whole_segments_and_extract_parameters() {
         let t = "/patients/{subject}/records/{record}";
-        let cases: &[(&str, Option<Vec<(String, String)>>)] = &[
+        let cases: &[Case] = &[
             (
                 "/patients/p1/records/r9",
                 pairs(&[("subject", "p1"), ("record", "r9")]),
