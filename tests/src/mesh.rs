@@ -22,6 +22,8 @@ pub const CONTROL_PLANE_CLUSTER: &str = "consentd";
 /// The audience every example route's tokens are issued for.
 pub const AUDIENCE: &str = "records-api";
 pub const ISSUER: &str = "consentd";
+/// The actor the harness's admin calls are recorded under.
+pub const ADMIN: &str = "consent-admin";
 
 /// Walks up from this executable to the cargo target profile directory
 /// (`target/debug` for tests, `target/release` for the demo).
@@ -275,7 +277,7 @@ pub fn grant_request(
         not_before: now - 60,
         expires_at: now + 24 * 3600,
         parent: String::new(),
-        actor: "e2e".into(),
+        actor: ADMIN.into(),
     }
 }
 
@@ -291,7 +293,7 @@ pub async fn token_for(
             grantee: grantee.into(),
             audience: AUDIENCE.into(),
             ttl_seconds: 300,
-            actor: "e2e".into(),
+            actor: ADMIN.into(),
         })
         .await?;
     Ok(response.into_inner())

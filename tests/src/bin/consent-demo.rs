@@ -276,7 +276,10 @@ async fn run() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .records;
-    for record in grant_history.iter().chain(&records) {
+    let changes = grant_history
+        .iter()
+        .filter(|r| matches!(r.record, Some(v1::audit_record::Record::Change(_))));
+    for record in changes.chain(&records) {
         match &record.record {
             Some(v1::audit_record::Record::Change(c)) if c.grant_id == first_id => {
                 println!(
