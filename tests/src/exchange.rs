@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Header pairs in order; keys are lower-case as Envoy stores them.
 pub type Headers = Vec<(String, String)>;
@@ -177,6 +178,18 @@ pub struct HttpResponse {
     pub filter_state: BTreeMap<String, Vec<u8>>,
     /// The worker that served the request.
     pub worker: usize,
+    /// Wall time spent inside the filter's callbacks for this stream.
+    pub guest_time: GuestTime,
+}
+
+/// Wall time inside the guest for one stream, host calls it made included:
+/// what the filter costs per request, without the host's own dispatch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestTime {
+    /// `proxy_on_request_headers`, where the filter decides.
+    pub request_headers: Duration,
+    /// Every callback of the stream, from context create to delete.
+    pub total: Duration,
 }
 
 impl HttpResponse {

@@ -51,9 +51,10 @@ pub use callout::{EnvoyGrpc, GrpcService, RawCodec};
 pub use clock::SimClock;
 pub use error::SimError;
 pub use exchange::{
-    Headers, HttpRequest, HttpResponse, Upstream, UpstreamRequest, UpstreamResponse, echo_upstream,
+    GuestTime, Headers, HttpRequest, HttpResponse, Upstream, UpstreamRequest, UpstreamResponse,
+    echo_upstream,
 };
-pub use shared::{LogEntry, LogLevel, MetricValue};
+pub use shared::{LogEntry, LogLevel, MetricValue, SharedDataUsage};
 pub use sidecar::{Sidecar, SidecarConfig, Wasm};
 
 /// Envoy's WASI preview1 functions, by name: a filter's imports must stay inside this set.

@@ -13,6 +13,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What one VM id holds in shared data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedDataUsage {
+    pub entries: usize,
+    pub key_bytes: usize,
+    pub value_bytes: usize,
+}
+
 /// Shared data keyed by (vm_id, key); CAS values come from one counter that
 /// starts at 1 and never yields 0.
 #[derive(Debug)]
@@ -43,6 +51,20 @@ impl SharedData {
             .entries
             .get(&(vm_id.to_string(), key.to_string()))
             .cloned()
+    }
+
+    /// How much is held under `vm_id`: entries, key bytes, value bytes.
+    pub fn usage(&self, vm_id: &str) -> SharedDataUsage {
+        let s = lock(&self.inner);
+        let mut usage = SharedDataUsage::default();
+        for ((vm, key), (value, _)) in &s.entries {
+            if vm == vm_id {
+                usage.entries += 1;
+                usage.key_bytes += key.len();
+                usage.value_bytes += value.len();
+            }
+        }
+        usage
     }
 
     pub fn set(&self, vm_id: &str, key: &str, value: Vec<u8>, cas: u32) -> Result<(), Status> {

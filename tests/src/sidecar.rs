@@ -15,7 +15,9 @@ use crate::clock::SimClock;
 use crate::error::SimError;
 use crate::exchange::{HttpRequest, HttpResponse, Upstream, echo_upstream};
 use crate::properties::node_bytes;
-use crate::shared::{LogEntry, LogLevel, Logs, MetricValue, Metrics, SharedData, SharedQueues};
+use crate::shared::{
+    LogEntry, LogLevel, Logs, MetricValue, Metrics, SharedData, SharedDataUsage, SharedQueues,
+};
 use crate::state::{Env, VmRole};
 use crate::vm::{self, Vm};
 use crate::worker::{Job, Worker};
@@ -298,6 +300,11 @@ impl Sidecar {
     /// Shared data under the sidecar's vm_id: value and CAS.
     pub fn shared_data_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         self.env.shared_data.get(&self.env.vm_id, key)
+    }
+
+    /// Entries and bytes held in shared data under the sidecar's vm_id.
+    pub fn shared_data_usage(&self) -> SharedDataUsage {
+        self.env.shared_data.usage(&self.env.vm_id)
     }
 
     /// Writes shared data as another plugin in the process could.

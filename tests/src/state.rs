@@ -11,7 +11,7 @@ use tokio::task::AbortHandle;
 use wasmtime::{Func, Memory};
 
 use crate::clock::SimClock;
-use crate::exchange::{Headers, HttpResponse, Upstream, UpstreamRequest};
+use crate::exchange::{GuestTime, Headers, HttpResponse, Upstream, UpstreamRequest};
 use crate::shared::{LogLevel, Logs, MetricKind, Metrics, SharedData, SharedQueues};
 use crate::worker::Job;
 
@@ -119,6 +119,7 @@ pub struct Stream {
     pub filter_state: BTreeMap<String, Vec<u8>>,
     pub upstream_request: Option<UpstreamRequest>,
     pub details: Option<String>,
+    pub guest_time: GuestTime,
     pub reply: Option<tokio::sync::oneshot::Sender<HttpResponse>>,
 }
 

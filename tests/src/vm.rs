@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use wasmtime::{Engine, Func, Instance, Linker, Module, Store, Val, ValType};
 
@@ -173,9 +174,17 @@ impl Vm {
         let saved = (state.current_context, state.effective_context);
         state.current_context = context;
         state.effective_context = context;
+        let started = Instant::now();
         let r = self.call_raw(f, args);
+        let spent = started.elapsed();
         let state = self.store.data_mut();
         (state.current_context, state.effective_context) = saved;
+        if let Some(stream) = state.streams.get_mut(&context) {
+            stream.guest_time.total += spent;
+            if name == "proxy_on_request_headers" {
+                stream.guest_time.request_headers += spent;
+            }
+        }
         r.map_err(|e| {
             let message = format!("{e:#}");
             state.failed = true;

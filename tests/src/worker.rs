@@ -281,6 +281,7 @@ impl Worker {
             filter_state: Default::default(),
             upstream_request: None,
             details: None,
+            guest_time: Default::default(),
             reply: Some(reply),
         };
         let state = self.vm.state();
@@ -494,6 +495,7 @@ impl Worker {
             reset: s.reset,
             filter_state: std::mem::take(&mut s.filter_state),
             worker: self.index,
+            guest_time: s.guest_time,
         };
         if let Some(reply) = s.reply.take() {
             let _ = reply.send(response);

@@ -214,6 +214,11 @@ async fn http_callbacks_run_in_envoys_order() {
             "cb:delete"
         ]
     );
+    // Time in the guest is measured per stream (benchmarks read it): the
+    // request-headers share is part of the stream's total.
+    let t = resp.guest_time;
+    assert!(t.request_headers > std::time::Duration::ZERO, "{t:?}");
+    assert!(t.total > t.request_headers, "{t:?}");
 }
 
 /// A header map is readable only in its own callback: request headers read

@@ -184,6 +184,12 @@ async fn shared_data_is_process_wide_with_cas() {
     );
     assert_eq!(sidecar.shared_data_get("k"), Some((b"b".to_vec(), 2)));
     assert_eq!(sidecar.shared_data_get("k2"), Some((b"z".to_vec(), 3)));
+    let usage = sidecar.shared_data_usage();
+    assert_eq!(
+        (usage.entries, usage.key_bytes, usage.value_bytes),
+        (2, 3, 2),
+        "k=b and k2=z"
+    );
 }
 
 /// Shared queues: the last root context to register a queue gets
