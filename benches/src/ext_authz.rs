@@ -157,7 +157,8 @@ impl ConsentAuthz {
         })
     }
 
-    fn decide(&self, request: &CheckRequest) -> CheckResponse {
+    /// The decision for one Check request, in process (the server calls this).
+    pub fn decide(&self, request: &CheckRequest) -> CheckResponse {
         let attributes = request.attributes.as_ref();
         let http = attributes
             .and_then(|a| a.request.as_ref())

@@ -65,6 +65,11 @@ pub struct Kind {
     pub sim_round_trip_ns: Vec<f64>,
     /// The same request as an ext_authz Check on loopback.
     pub ext_authz_ns: Vec<f64>,
+    /// The same decision natively, in process: the Check server's handler
+    /// without gRPC (the filter's check with no wasm and no host calls).
+    pub native_ns: Vec<f64>,
+    /// `proxy_*` host calls the filter made deciding one request.
+    pub host_calls: u64,
 }
 
 /// Token verification outside the filter, for comparison with inside it.
@@ -174,22 +179,52 @@ async fn through_filter(
     sidecar: &Sidecar,
     requests: impl IntoIterator<Item = HttpRequest>,
     expect: u16,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-    let (mut decision, mut filter, mut round_trip) = (Vec::new(), Vec::new(), Vec::new());
+) -> anyhow::Result<FilterSamples> {
+    let mut out = FilterSamples::default();
     for request in requests {
         let started = Instant::now();
         let response = sidecar.send(request).await?;
-        round_trip.push(nanos(started.elapsed()));
+        out.round_trip.push(nanos(started.elapsed()));
         ensure!(
             response.status == expect,
             "the filter answered {} ({}), expected {expect}",
             response.status,
             response.body_text()
         );
-        decision.push(nanos(response.guest_time.request_headers));
-        filter.push(nanos(response.guest_time.total));
+        out.decision
+            .push(nanos(response.guest_time.request_headers));
+        out.stream.push(nanos(response.guest_time.total));
+        out.host_calls = response.guest_time.request_headers_host_calls;
     }
-    Ok((decision, filter, round_trip))
+    Ok(out)
+}
+
+#[derive(Default)]
+struct FilterSamples {
+    decision: Vec<f64>,
+    stream: Vec<f64>,
+    round_trip: Vec<f64>,
+    host_calls: u64,
+}
+
+/// The Check handler in process, one request at a time.
+fn natively(
+    authz: &ConsentAuthz,
+    requests: impl IntoIterator<Item = CheckRequest>,
+    expect: u16,
+) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::new();
+    for request in requests {
+        let started = Instant::now();
+        let response = authz.decide(&request);
+        samples.push(nanos(started.elapsed()));
+        let status = ext_authz::status_of(&response);
+        ensure!(
+            status == expect,
+            "the native check answered {status}, expected {expect}"
+        );
+    }
+    Ok(samples)
 }
 
 async fn through_ext_authz(
@@ -234,6 +269,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let config = mesh::plugin_config("bench-ext-authz", &[DATASET], 30, false);
     let server = AuthzServer::start(ConsentAuthz::new(&config, feed.snapshot.clone())?).await?;
     let mut client = server.client().await?;
+    let local = ConsentAuthz::new(&config, feed.snapshot.clone())?;
     synced(&sidecar, &feed, options.grants as u64).await?;
 
     // Hot grants [0, hot) stay allowed; [hot, 2*hot) get revoked after their
@@ -247,35 +283,29 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 
     // Warm both caches with every hot token.
     through_filter(&sidecar, (0..2 * hot).map(|i| read(i, &tokens[i])), 200).await?;
-    through_ext_authz(
-        &mut client,
-        (0..2 * hot).map(|i| read_check(i, &tokens[i])),
-        200,
-    )
-    .await?;
+    let warm = || (0..2 * hot).map(|i| read_check(i, &tokens[i]));
+    through_ext_authz(&mut client, warm(), 200).await?;
+    natively(&local, warm(), 200)?;
 
     let mut kinds = Vec::new();
-    let (d, f, r) = through_filter(&sidecar, cycle(0).map(|i| read(i, &tokens[i])), 200).await?;
-    let e = through_ext_authz(
-        &mut client,
-        cycle(0).map(|i| read_check(i, &tokens[i])),
-        200,
-    )
-    .await?;
-    kinds.push(kind("cached token, allowed", 200, d, f, r, e));
+    let hot_reads = |offset: usize| cycle(offset).map(|i| read(i, &tokens[i]));
+    let hot_checks = |offset: usize| cycle(offset).map(|i| read_check(i, &tokens[i]));
+    let f = through_filter(&sidecar, hot_reads(0), 200).await?;
+    let e = through_ext_authz(&mut client, hot_checks(0), 200).await?;
+    let n = natively(&local, hot_checks(0), 200)?;
+    kinds.push(kind("cached token, allowed", 200, f, e, n));
 
     // First-seen tokens: one fresh token per request, for each architecture.
     let for_filter = fresh_tokens(&mut admin, options.first_seen, hot).await?;
     let for_authz = fresh_tokens(&mut admin, options.first_seen, hot).await?;
-    let (d, f, r) =
-        through_filter(&sidecar, for_filter.iter().map(|(i, t)| read(*i, t)), 200).await?;
-    let e = through_ext_authz(
-        &mut client,
-        for_authz.iter().map(|(i, t)| read_check(*i, t)),
-        200,
-    )
-    .await?;
-    kinds.push(kind("first-seen token, allowed", 200, d, f, r, e));
+    let f = through_filter(&sidecar, for_filter.iter().map(|(i, t)| read(*i, t)), 200).await?;
+    let checks = |tokens: &[(usize, String)]| -> Vec<CheckRequest> {
+        tokens.iter().map(|(i, t)| read_check(*i, t)).collect()
+    };
+    let e = through_ext_authz(&mut client, checks(&for_authz), 200).await?;
+    // The in-process handler has its own cache: the filter's tokens are new to it.
+    let n = natively(&local, checks(&for_filter), 200)?;
+    kinds.push(kind("first-seen token, allowed", 200, f, e, n));
 
     // Revoke the second hot set; their cached tokens must now be refused.
     let mut last = 0;
@@ -291,21 +321,18 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
             .revision;
     }
     synced(&sidecar, &feed, last).await?;
-    let (d, f, r) = through_filter(&sidecar, cycle(hot).map(|i| read(i, &tokens[i])), 403).await?;
-    let e = through_ext_authz(
-        &mut client,
-        cycle(hot).map(|i| read_check(i, &tokens[i])),
-        403,
-    )
-    .await?;
-    kinds.push(kind("cached token, grant revoked (403)", 403, d, f, r, e));
+    let f = through_filter(&sidecar, hot_reads(hot), 403).await?;
+    let e = through_ext_authz(&mut client, hot_checks(hot), 403).await?;
+    let n = natively(&local, hot_checks(hot), 403)?;
+    kinds.push(kind("cached token, grant revoked (403)", 403, f, e, n));
 
     let pass = || (0..options.requests).map(|_| HttpRequest::get("/healthz").peer_identity(CALLER));
     let pass_check =
         || (0..options.requests).map(|_| ext_authz::check_request("GET", "/healthz", &[], CALLER));
-    let (d, f, r) = through_filter(&sidecar, pass(), 200).await?;
+    let f = through_filter(&sidecar, pass(), 200).await?;
     let e = through_ext_authz(&mut client, pass_check(), 200).await?;
-    kinds.push(kind("unprotected path, passed through", 200, d, f, r, e));
+    let n = natively(&local, pass_check(), 200)?;
+    kinds.push(kind("unprotected path, passed through", 200, f, e, n));
 
     let keys = feed
         .snapshot
@@ -326,18 +353,19 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 fn kind(
     name: &'static str,
     status: u16,
-    decision_ns: Vec<f64>,
-    filter_ns: Vec<f64>,
-    sim_round_trip_ns: Vec<f64>,
+    filter: FilterSamples,
     ext_authz_ns: Vec<f64>,
+    native_ns: Vec<f64>,
 ) -> Kind {
     Kind {
         name,
         status,
-        decision_ns,
-        filter_ns,
-        sim_round_trip_ns,
+        decision_ns: filter.decision,
+        filter_ns: filter.stream,
+        sim_round_trip_ns: filter.round_trip,
         ext_authz_ns,
+        native_ns,
+        host_calls: filter.host_calls,
     }
 }
 

@@ -51,7 +51,10 @@ pub fn decision(
         .fold(10.0, f64::max)
         * 3.0;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Consent decision cost by engine and grant-set size", ("sans-serif", 22))
+        .caption(
+            "Consent decision cost by engine and grant-set size",
+            ("sans-serif", 22),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(80)
@@ -72,7 +75,9 @@ pub fn decision(
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(pts.into_iter().map(|p| Circle::new(p, 5, color.filled())))
             .map_err(err)?;
@@ -81,7 +86,12 @@ pub fn decision(
         let color = PALETTE[(series.len() + j) % PALETTE.len()];
         let style = ShapeStyle::from(&color).stroke_width(1);
         chart
-            .draw_series(DashedLineSeries::new(vec![(0.5, *y), (x_hi, *y)], 6, 4, style))
+            .draw_series(DashedLineSeries::new(
+                vec![(0.5, *y), (x_hi, *y)],
+                6,
+                4,
+                style,
+            ))
             .map_err(err)?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
@@ -133,7 +143,9 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> a
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -161,7 +173,9 @@ mod tests {
         )
         .expect("decision plot");
         let svg = std::fs::read_to_string(&d).expect("written");
-        assert!(svg.starts_with("<svg") && svg.contains("consent-core") && svg.contains("in filter"));
+        assert!(
+            svg.starts_with("<svg") && svg.contains("consent-core") && svg.contains("in filter")
+        );
 
         let p = dir.path().join("propagation.svg");
         latency_cdf(&p, "t", &[("N = 1".into(), vec![0.5, 1.0, 2.0])]).expect("cdf plot");

@@ -250,27 +250,30 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| Request | Status | Samples | Filter decision p50 / p99 | Filter stream p50 / p99 | Sim round trip p50 | ext_authz p50 / p99 | ext_authz ÷ filter decision |"
+            "| Request | Status | Samples | Filter decision p50 / p99 | Host calls | Filter stream p50 / p99 | Sim round trip p50 | Same check natively p50 | ext_authz p50 / p99 | ext_authz ÷ filter decision |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for k in &r.kinds {
-            let (d, f, s, e) = (
+            let (d, f, s, e, n) = (
                 summary(&k.decision_ns),
                 summary(&k.filter_ns),
                 summary(&k.sim_round_trip_ns),
                 summary(&k.ext_authz_ns),
+                summary(&k.native_ns),
             );
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} / {} | {} | {} / {} | {} | {} | {} / {} | {} |",
                 k.name,
                 k.status,
                 d.count,
                 human_ns(d.p50),
                 human_ns(d.p99),
+                k.host_calls,
                 human_ns(f.p50),
                 human_ns(f.p99),
                 human_ns(s.p50),
+                human_ns(n.p50),
                 human_ns(e.p50),
                 human_ns(e.p99),
                 ratio(e.p50, d.p50)

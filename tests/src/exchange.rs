@@ -190,6 +190,10 @@ pub struct GuestTime {
     pub request_headers: Duration,
     /// Every callback of the stream, from context create to delete.
     pub total: Duration,
+    /// `proxy_*` host calls made from `proxy_on_request_headers`.
+    pub request_headers_host_calls: u64,
+    /// `proxy_*` host calls made from every callback of the stream.
+    pub host_calls: u64,
 }
 
 impl HttpResponse {

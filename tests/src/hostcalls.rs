@@ -17,6 +17,7 @@ macro_rules! host {
             "env",
             $name,
             |mut $c: Caller<'_, HostState> $(, $arg: $ty)*| -> wasmtime::Result<i32> {
+                $c.data_mut().host_calls += 1;
                 let r: HostResult = (|| {
                     check_running(&$c, $name)?;
                     $body
@@ -104,6 +105,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+            c.data_mut().host_calls += 1;
             finish(log(&mut c, level, ptr, len))
         },
     )?;
@@ -111,6 +113,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_log_level",
         |mut c: Caller<'_, HostState>, out: i32| {
+            c.data_mut().host_calls += 1;
             let level = c.data().env.log_level as u32;
             finish(abi::write_u32(&mut c, out, level))
         },

@@ -193,6 +193,8 @@ pub struct HostState {
     pub next_http_call: u32,
     /// Posts callout events back to the worker that owns this VM.
     pub jobs: Sender<Job>,
+    /// `proxy_*` host calls made so far (per-stream counts are differences).
+    pub host_calls: u64,
 }
 
 impl HostState {
@@ -219,6 +221,7 @@ impl HostState {
             http_calls: HashMap::new(),
             next_http_call: 1,
             jobs,
+            host_calls: 0,
         }
     }
 

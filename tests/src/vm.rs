@@ -174,15 +174,19 @@ impl Vm {
         let saved = (state.current_context, state.effective_context);
         state.current_context = context;
         state.effective_context = context;
+        let calls_before = self.store.data().host_calls;
         let started = Instant::now();
         let r = self.call_raw(f, args);
         let spent = started.elapsed();
+        let calls = self.store.data().host_calls - calls_before;
         let state = self.store.data_mut();
         (state.current_context, state.effective_context) = saved;
         if let Some(stream) = state.streams.get_mut(&context) {
             stream.guest_time.total += spent;
+            stream.guest_time.host_calls += calls;
             if name == "proxy_on_request_headers" {
                 stream.guest_time.request_headers += spent;
+                stream.guest_time.request_headers_host_calls += calls;
             }
         }
         r.map_err(|e| {

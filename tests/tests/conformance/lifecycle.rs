@@ -219,6 +219,13 @@ async fn http_callbacks_run_in_envoys_order() {
     let t = resp.guest_time;
     assert!(t.request_headers > std::time::Duration::ZERO, "{t:?}");
     assert!(t.total > t.request_headers, "{t:?}");
+    // Each callback said one thing through proxy_log: eight calls, one of them
+    // from request headers.
+    assert_eq!(
+        (t.request_headers_host_calls, t.host_calls),
+        (1, 8),
+        "{t:?}"
+    );
 }
 
 /// A header map is readable only in its own callback: request headers read
