@@ -6,4 +6,5 @@
 //! Figures are compared as ratios measured in one run on one machine; nothing
 //! here is a timed test.
 
+pub mod fixtures;
 pub mod stats;
