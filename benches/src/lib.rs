@@ -6,5 +6,6 @@
 //! Figures are compared as ratios measured in one run on one machine; nothing
 //! here is a timed test.
 
+pub mod engines;
 pub mod fixtures;
 pub mod stats;
