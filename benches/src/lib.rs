@@ -8,7 +8,9 @@
 
 use std::path::PathBuf;
 
+pub mod engines;
 pub mod ext_authz;
+pub mod fixtures;
 pub mod machine;
 pub mod per_request;
 pub mod plot;
