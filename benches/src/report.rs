@@ -103,7 +103,7 @@ impl Results {
             let cedar = self
                 .decision
                 .iter()
-                .filter(|r| r.engine == "Cedar")
+                .filter(|r| r.engine == "cedar")
                 .min_by_key(|r| r.grants.abs_diff(grants))
                 .map(|r| (r.grants, summary(&r.per_call_ns).p50));
             if let Some((cedar_grants, cedar_p50)) = cedar {
