@@ -6,4 +6,6 @@
 //! Figures are compared as ratios measured in one run on one machine; nothing
 //! here is a timed test.
 
+pub mod bootstrap;
+pub mod propagation;
 pub mod stats;
