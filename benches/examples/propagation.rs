@@ -7,8 +7,10 @@
 //! cargo run --release -p consent-benches --example propagation -- --sizes 1,100,1000 --grants 100000
 //! ```
 //!
-//! `--sizes ''` skips propagation, `--grants 0` skips bootstrap. consentd is
-//! found beside this executable's profile directory or at `$CONSENTD_BIN`.
+//! `--sizes 0` skips propagation, `--grants 0` skips bootstrap. An example
+//! lives in `target/release/examples/`, where `consent_sim::mesh` does not look:
+//! set `CONSENTD_BIN=target/release/consentd` and `CARGO_TARGET_DIR=target`
+//! (for the filter's `.wasm`) when running the built example directly.
 
 use std::time::Duration;
 
@@ -115,6 +117,8 @@ async fn main() -> anyhow::Result<()> {
             "bootstrap of {} grants (head {}), seeded in {:.1} s:",
             r.grants, r.head_revision, r.seed_secs
         );
+        let rates: Vec<String> = r.seed_rates.iter().map(|g| format!("{g:.0}")).collect();
+        println!("  CreateGrant/s by tenth: {}", rates.join(" "));
         println!(
             "  VM start {:.3} s, first tick {:?}, snapshot applied {:.3} s, consentd has the Ack {:.3} s",
             r.vm_start_secs, r.first_tick_secs, r.bootstrap_secs, r.acked_secs

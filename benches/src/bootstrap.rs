@@ -64,6 +64,8 @@ pub struct BootstrapReport {
     pub head_revision: u64,
     /// Seeding through concurrent CreateGrant calls (not the measured figure).
     pub seed_secs: f64,
+    /// CreateGrant throughput (grants/s) over each tenth of the seeding, in order.
+    pub seed_rates: Vec<f64>,
     /// `Sidecar::start` returned: module compiled, canary, main and worker VMs configured.
     pub vm_start_secs: f64,
     /// The sync lease appeared in shared data: the first tick, which opens the stream.
@@ -108,7 +110,7 @@ pub async fn run(grants: usize) -> anyhow::Result<BootstrapReport> {
     let consentd = ConsentdProcess::start(Some(HEARTBEAT_MS)).await?;
 
     let seed_started = Instant::now();
-    let seeded = seed(&consentd, grants).await?;
+    let (seeded, seed_rates) = seed(&consentd, grants).await?;
     let seed_secs = seed_started.elapsed().as_secs_f64();
     let head = seeded.iter().map(|g| g.revision).max().unwrap_or(0);
 
@@ -197,6 +199,7 @@ pub async fn run(grants: usize) -> anyhow::Result<BootstrapReport> {
         grants,
         head_revision: head,
         seed_secs,
+        seed_rates,
         vm_start_secs,
         first_tick_secs: first_tick,
         bootstrap_secs,
@@ -219,13 +222,18 @@ pub async fn run(grants: usize) -> anyhow::Result<BootstrapReport> {
 }
 
 /// Creates `grants` grants with concurrent CreateGrant calls over a few
-/// connections; returns them as created.
-async fn seed(consentd: &ConsentdProcess, grants: usize) -> anyhow::Result<Vec<v1::Grant>> {
+/// connections; returns them as created, and the throughput of each tenth.
+async fn seed(
+    consentd: &ConsentdProcess,
+    grants: usize,
+) -> anyhow::Result<(Vec<v1::Grant>, Vec<f64>)> {
     let mut clients = Vec::with_capacity(SEED_CHANNELS);
     for _ in 0..SEED_CHANNELS {
         clients.push(consentd.admin().await?);
     }
     let mut created = Vec::with_capacity(grants);
+    let tenth = grants.div_ceil(10);
+    let (mut rates, mut mark) = (Vec::new(), Instant::now());
     let mut calls = futures::stream::iter(0..grants)
         .map(|i| {
             let mut client = clients[i % SEED_CHANNELS].clone();
@@ -242,8 +250,13 @@ async fn seed(consentd: &ConsentdProcess, grants: usize) -> anyhow::Result<Vec<v
             .grant
             .context("CreateGrant returned no grant")?;
         created.push(grant);
+        if created.len() % tenth == 0 || created.len() == grants {
+            let done = (created.len() - 1) % tenth + 1;
+            rates.push(done as f64 / mark.elapsed().as_secs_f64());
+            mark = Instant::now();
+        }
     }
-    Ok(created)
+    Ok((created, rates))
 }
 
 /// The example operator configuration (`mesh::plugin_config`) with the
@@ -389,6 +402,8 @@ mod tests {
     async fn fifty_grants_bootstrap_into_the_real_filter() {
         let report = run(50).await.expect("the bootstrap benchmark runs");
         assert_eq!(report.grants, 50);
+        assert_eq!(report.seed_rates.len(), 10, "{report:?}");
+        assert!(report.seed_rates.iter().all(|r| *r > 0.0), "{report:?}");
         assert!(report.head_revision >= 51, "{report:?}");
         assert!(report.vm_start_secs > 0.0);
         assert!(report.bootstrap_secs >= report.vm_start_secs, "{report:?}");
