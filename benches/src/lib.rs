@@ -8,12 +8,14 @@
 
 use std::path::PathBuf;
 
+pub mod bootstrap;
 pub mod engines;
 pub mod ext_authz;
 pub mod fixtures;
 pub mod machine;
 pub mod per_request;
 pub mod plot;
+pub mod propagation;
 pub mod report;
 pub mod stats;
 
