@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use crate::machine::Machine;
-use crate::per_request;
 use crate::stats::Summary;
+use crate::{bootstrap, per_request, propagation};
 
 /// One engine at one grant-set size.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Results {
     pub agreement: Vec<(usize, usize)>,
     pub decision: Vec<DecisionRow>,
     pub per_request: Option<per_request::Report>,
+    pub propagation: Option<propagation::PropagationReport>,
+    pub bootstrap: Option<bootstrap::BootstrapReport>,
 }
 
 /// A target line: what was promised, what was measured, and whether it holds.
@@ -132,6 +134,43 @@ impl Results {
                 met: authz.p50 >= 50.0 * filter.p50,
             });
         }
+        if let Some(run) = self
+            .propagation
+            .as_ref()
+            .and_then(|p| p.runs.iter().max_by_key(|r| r.sidecars))
+        {
+            let s = summary(&run.per_sidecar_ms);
+            out.push(Target {
+                what: format!("Revocation acknowledged by {} sidecars: p99 ≤ 50 ms", run.sidecars),
+                measured: format!(
+                    "per-sidecar p99 {:.1} ms (p50 {:.1} ms, max {:.1} ms); all acked per round p99 {:.1} ms",
+                    s.p99,
+                    s.p50,
+                    s.max,
+                    summary(&run.all_acked_ms).p99
+                ),
+                met: s.p99 <= 50.0 && run.sidecars >= 1000,
+            });
+        }
+        if let Some(b) = &self.bootstrap {
+            out.push(Target {
+                what: "≤ 256 bytes of shared data per grant".into(),
+                measured: format!(
+                    "{:.0} B per grant, keys and layout included ({:.0} B of grant values)",
+                    b.bytes_per_grant(),
+                    b.value_bytes_per_grant()
+                ),
+                met: b.bytes_per_grant() <= 256.0,
+            });
+            out.push(Target {
+                what: format!("{}-grant snapshot bootstrap ≤ 1 s", human_count(b.grants)),
+                measured: format!(
+                    "{:.2} s from sidecar start to snapshot applied",
+                    b.bootstrap_secs
+                ),
+                met: b.bootstrap_secs <= 1.0 && b.grants >= 100_000,
+            });
+        }
         out
     }
 
@@ -181,7 +220,147 @@ impl Results {
         }
         self.decision_section(&mut md);
         self.per_request_section(&mut md);
+        self.propagation_section(&mut md);
         md
+    }
+
+    fn propagation_section(&self, md: &mut String) {
+        if let Some(p) = &self.propagation {
+            let _ = writeln!(
+                md,
+                "## 4. Propagation: revoke committed → acknowledged by every sidecar
+"
+            );
+            let _ = writeln!(
+                md,
+                "A real consentd and N emulated sidecars, each on its own HTTP/2 connection, speaking \
+                 the filter's sync protocol (Hello, snapshot, deltas, Ack). Times are from just before \
+                 the RevokeGrant call; *per sidecar* is each sidecar's Ack of the revocation, every \
+                 round; *all acked* is the last Ack of a round; *WaitPropagation* is consentd's own \
+                 answer that every sidecar acknowledged.\n"
+            );
+            let _ = writeln!(
+                md,
+                "| Sidecars | Rounds | Per sidecar p50 / p99 / max | All acked p50 / p99 / max | WaitPropagation p50 / p99 | Revoke RPC p50 |"
+            );
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|");
+            for run in &p.runs {
+                let (s, a, w, r) = (
+                    summary(&run.per_sidecar_ms),
+                    summary(&run.all_acked_ms),
+                    summary(&run.wait_propagation_ms),
+                    summary(&run.revoke_rpc_ms),
+                );
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms |",
+                    run.sidecars,
+                    run.rounds,
+                    s.p50,
+                    s.p99,
+                    s.max,
+                    a.p50,
+                    a.p99,
+                    a.max,
+                    w.p50,
+                    w.p99,
+                    r.p50
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\n![Revocation latency distribution per number of sidecars](propagation.svg)\n"
+            );
+            let _ = writeln!(md, "consentd's cost (from `/proc`):\n");
+            let _ = writeln!(
+                md,
+                "| Streams | RSS idle | RSS connected | RSS per 1000 streams | Idle CPU/s (no streams) | Idle CPU/s (connected) | CPU per revoke fanned out | scaled to 1000 |"
+            );
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for run in &p.runs {
+                let c = &run.cost;
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.4} s | {:.4} s | {:.2} ms | {:.2} ms |",
+                    c.streams,
+                    c.rss_idle_kib as f64 / 1024.0,
+                    c.rss_connected_kib as f64 / 1024.0,
+                    c.rss_per_1000_streams_kib() / 1024.0,
+                    c.idle_cpu_per_sec_no_streams,
+                    c.idle_cpu_per_sec,
+                    c.cpu_per_revoke_secs() * 1e3,
+                    c.cpu_per_revoke_per_1000_secs() * 1e3
+                );
+            }
+            for note in &p.notes {
+                let _ = writeln!(md, "\n- {note}");
+            }
+            md.push('\n');
+        }
+        if let Some(b) = &self.bootstrap {
+            let _ = writeln!(md, "## 5. Snapshot bootstrap and shared-data footprint\n");
+            let _ = writeln!(
+                md,
+                "consentd holding {} grants for one dataset (seeded through the admin API in {:.1} s, \
+                 not part of the figure); one sidecar with the release filter starts and receives the \
+                 whole snapshot.\n",
+                human_count(b.grants),
+                b.seed_secs
+            );
+            let _ = writeln!(md, "| Step | Seconds |\n|---|---:|");
+            let _ = writeln!(
+                md,
+                "| Sidecar start (VMs created, configured) | {:.3} |",
+                b.vm_start_secs
+            );
+            let _ = writeln!(
+                md,
+                "| Sidecar start → snapshot applied in shared data | {:.3} |",
+                b.bootstrap_secs
+            );
+            let _ = writeln!(
+                md,
+                "| Sidecar start → consentd holds its Ack | {:.3} |",
+                b.acked_secs
+            );
+            let _ = writeln!(
+                md,
+                "| Native client (no wasm): connect → first chunk | {:.3} |",
+                b.native.first_chunk_secs
+            );
+            let _ = writeln!(
+                md,
+                "| Native client: connect → snapshot applied with consent-core | {:.3} |",
+                b.native.applied_secs
+            );
+            let _ = writeln!(
+                md,
+                "\n| Shared data | Entries | Key bytes | Value bytes | Bytes per grant |\n|---|---:|---:|---:|---:|"
+            );
+            for part in &b.parts {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {:.1} |",
+                    part.name,
+                    part.entries,
+                    part.key_bytes,
+                    part.value_bytes,
+                    (part.key_bytes + part.value_bytes) as f64 / b.grants.max(1) as f64
+                );
+            }
+            let _ = writeln!(
+                md,
+                "| **all** | {} | {} | {} | **{:.1}** |",
+                b.entries,
+                b.key_bytes,
+                b.value_bytes,
+                b.bytes_per_grant()
+            );
+            for note in &b.notes {
+                let _ = writeln!(md, "\n- {note}");
+            }
+            md.push('\n');
+        }
     }
 
     fn decision_section(&self, md: &mut String) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
 use crate::auth::BearerAuth;
@@ -97,12 +97,15 @@ pub async fn serve(
             .tls_config(tls)
             .context("invalid TLS configuration")?;
     }
+    // Deltas and acknowledgements are small messages that must not wait for
+    // Nagle (tonic leaves nodelay to the listener when given one).
+    let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
     let grpc_server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
         .add_service(sync)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             signal(hub_for_grpc).await;
             for name in ["consent.v1.ConsentAdmin", "consent.v1.SidecarSync", ""] {
                 health_on_stop

@@ -13,7 +13,7 @@ use consent_benches::engines::{
 use consent_benches::machine::Machine;
 use consent_benches::report::{DecisionRow, Results};
 use consent_benches::stats::{Summary, calibrate, per_call_batched};
-use consent_benches::{fixtures, per_request, plot};
+use consent_benches::{bootstrap, fixtures, per_request, plot, propagation};
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure consent-mesh and write RESULTS.md with its plots")]
@@ -67,6 +67,30 @@ async fn main() -> anyhow::Result<()> {
             .context("per-request section")?,
     );
 
+    eprintln!("consent-bench: revocation propagation to emulated sidecars");
+    let options = if args.quick {
+        propagation::PropagationOptions {
+            sizes: vec![1, 20],
+            rounds: 5,
+            min_per_sidecar_samples: 20,
+            warmup_rounds: 1,
+            idle_window: std::time::Duration::from_secs(1),
+            idle_window_no_streams: std::time::Duration::from_millis(500),
+            ..Default::default()
+        }
+    } else {
+        propagation::PropagationOptions::default()
+    };
+    results.propagation = Some(
+        propagation::run(&options)
+            .await
+            .context("propagation section")?,
+    );
+
+    let grants = if args.quick { 500 } else { 100_000 };
+    eprintln!("consent-bench: snapshot bootstrap of {grants} grants");
+    results.bootstrap = Some(bootstrap::run(grants).await.context("bootstrap section")?);
+
     results.wall_secs = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&args.out)?;
     let mut decision_series: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
@@ -94,6 +118,23 @@ async fn main() -> anyhow::Result<()> {
         &decision_series,
         &references,
     )?;
+    if let Some(p) = &results.propagation {
+        let series: Vec<(String, Vec<f64>)> = p
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    format!("N = {} sidecars", r.sidecars),
+                    r.per_sidecar_ms.clone(),
+                )
+            })
+            .collect();
+        plot::latency_cdf(
+            &args.out.join("propagation.svg"),
+            "Revocation: each sidecar's acknowledgement after the revoke",
+            &series,
+        )?;
+    }
     let results_md = args.out.join("RESULTS.md");
     std::fs::write(&results_md, results.to_markdown())
         .with_context(|| format!("writing {}", results_md.display()))?;

@@ -333,10 +333,13 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
         let head = head_of(&tx)?;
-        // Never before the previous commit, so commit times follow revisions.
+        // Never before the previous commit, so commit times follow revisions;
+        // the head's time is therefore the latest (read by primary key: a MAX
+        // over committed_ms would scan the whole log on every write).
         let last_ms: i64 = tx
             .query_row(
-                "SELECT COALESCE(MAX(committed_ms), 0) FROM revisions",
+                "SELECT COALESCE((SELECT committed_ms FROM revisions \
+                 ORDER BY revision DESC LIMIT 1), 0)",
                 [],
                 |r| r.get(0),
             )
