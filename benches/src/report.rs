@@ -379,8 +379,9 @@ impl Results {
         for (grants, cases) in &self.agreement {
             let _ = writeln!(
                 md,
-                "- {} grants: all engines gave the expected answer on all {cases} shared allow/deny cases before timing.",
-                human_count(*grants)
+                "- {} grant{}: all engines gave the expected answer on all {cases} shared allow/deny cases before timing.",
+                human_count(*grants),
+                if *grants == 1 { "" } else { "s" }
             );
         }
         let _ = writeln!(
