@@ -272,6 +272,30 @@ impl Hub {
         out
     }
 
+    /// Whether `propagation(revision, datasets, committed_ms).complete` holds,
+    /// by the same rules, without allocating or sorting: cheap enough to check
+    /// on every acknowledgement.
+    pub fn is_propagated(
+        &self,
+        revision: u64,
+        datasets: &BTreeSet<String>,
+        committed_ms: i64,
+    ) -> bool {
+        let map = self.sidecars.lock().expect("sidecars");
+        for s in map.values() {
+            if !intersects(&s.record.datasets, datasets) {
+                continue;
+            }
+            if !s.record.connected && s.record.since_ms < committed_ms {
+                continue;
+            }
+            if s.record.connected && s.record.acked_revision < revision {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Who has acknowledged `revision` among the sidecars subscribed to any of
     /// `datasets` (all when empty): every connected one, and those that
     /// disconnected after it committed, since they may hold the state before it.
@@ -336,6 +360,66 @@ mod tests {
     fn hub(dir: &tempfile::TempDir) -> Arc<Hub> {
         let store = SqliteStore::open(dir.path().join("consentd.db")).unwrap();
         Hub::open(Arc::new(store), Settings::default()).unwrap()
+    }
+
+    fn put(hub: &Hub, node: &str, datasets: &[&str], acked: u64, connected: bool, since: i64) {
+        let record = SidecarRecord {
+            node_id: node.into(),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            acked_revision: acked,
+            acked_at_ms: 1_000 + acked as i64,
+            connected,
+            since_ms: since,
+            filter_version: String::new(),
+        };
+        let acks = VecDeque::from([(acked, record.acked_at_ms)]);
+        hub.sidecars.lock().unwrap().insert(
+            node.into(),
+            SidecarState {
+                record,
+                stream: 1,
+                acks,
+            },
+        );
+    }
+
+    #[test]
+    fn is_propagated_agrees_with_propagation() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let labs: BTreeSet<String> = ["labs".to_string()].into();
+        let billing: BTreeSet<String> = ["billing".to_string()].into();
+        let all = BTreeSet::new();
+        let committed = 500;
+        let check = |revision: u64, datasets: &BTreeSet<String>| {
+            let full = hub.propagation(revision, datasets, committed).complete;
+            assert_eq!(
+                hub.is_propagated(revision, datasets, committed),
+                full,
+                "revision {revision}, datasets {datasets:?}"
+            );
+            full
+        };
+        // No sidecars: trivially complete.
+        assert!(check(7, &all));
+        put(&hub, "a", &["labs"], 7, true, 0);
+        put(&hub, "b", &["billing"], 6, true, 0);
+        assert!(check(7, &labs));
+        assert!(!check(7, &billing));
+        assert!(!check(7, &all));
+        assert!(check(6, &all));
+        // Disconnected sidecars never hold a propagation back, before or after the commit.
+        put(&hub, "b", &["billing"], 6, false, 400);
+        assert!(check(7, &billing));
+        assert!(check(7, &all));
+        put(&hub, "b", &["billing"], 6, false, 600);
+        assert!(check(7, &all));
+        // A connected one behind on a dataset in both sets holds it back.
+        put(&hub, "c", &["labs", "billing"], 5, true, 0);
+        assert!(!check(7, &labs));
+        assert!(!check(7, &billing));
+        assert!(!check(6, &all));
+        assert!(check(5, &all));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
