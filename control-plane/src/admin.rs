@@ -305,9 +305,14 @@ impl AdminService {
         let mut acks = self.hub.acks.subscribe();
         loop {
             acks.borrow_and_update();
-            let response = self.hub.propagation(revision, &datasets, committed_ms);
-            if !wait || response.complete {
-                return Ok(response);
+            // Checked cheaply on every acknowledgement; the full, sorted
+            // response is built once, when complete (or at the deadline).
+            if !wait || self.hub.is_propagated(revision, &datasets, committed_ms) {
+                let response = self.hub.propagation(revision, &datasets, committed_ms);
+                // A sidecar may have connected in between: then wait for it too.
+                if !wait || response.complete {
+                    return Ok(response);
+                }
             }
             tokio::select! {
                 _ = acks.changed() => {}

@@ -2,18 +2,24 @@
 //! stream), the sidecar registry with recent acknowledgements (watched by
 //! propagation waits), metrics and the shutdown signal.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consent_core::wire::v1;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 
 use crate::metrics::Metrics;
-use crate::store::{Commit, Result, SidecarRecord, Store, StoreError, now_ms};
+use crate::store::{Changes, Commit, Result, SidecarRecord, Store, StoreError, now_ms};
 
 /// Recent acknowledgements kept per sidecar, to tell when it reached a revision.
 const ACK_HISTORY: usize = 512;
+/// Revision ranges whose changes are kept for the streams that still need them.
+/// Streams following the head mostly ask for the same one or two ranges.
+const SHARED_RANGES: usize = 32;
+
+/// One read of a revision range, shared by the streams asking for it.
+type SharedChanges = Arc<OnceCell<Arc<Changes>>>;
 
 /// The tunables of the sync stream and the admin API.
 #[derive(Clone, Debug)]
@@ -63,6 +69,8 @@ pub struct Hub {
     pub sidecars: Mutex<HashMap<String, SidecarState>>,
     pub metrics: Metrics,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Recently read `(from, to]` ranges keyed by `(to, from)`, oldest first.
+    ranges: Mutex<BTreeMap<(u64, u64), SharedChanges>>,
     /// Sidecar records to persist, written in order by one thread so that a
     /// disconnect is never overwritten by the connect before it.
     persist: std::sync::mpsc::Sender<SidecarRecord>,
@@ -137,6 +145,7 @@ impl Hub {
             sidecars: Mutex::new(sidecars),
             metrics: Metrics::default(),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            ranges: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -152,6 +161,29 @@ impl Hub {
             *h = (*h).max(commit.revision);
             moved
         });
+    }
+
+    /// The changes in `(from, to]`, read from the store once however many
+    /// streams ask for the same range at once: the first reads, the others
+    /// wait for its result. A committed range never changes, so a result is
+    /// kept for later askers until newer ranges evict it; a failed read is not
+    /// kept, and the next asker tries again.
+    pub async fn changes(&self, from: u64, to: u64) -> Result<Arc<Changes>> {
+        let cell = {
+            let mut ranges = self.ranges.lock().expect("ranges");
+            let cell = ranges.entry((to, from)).or_default().clone();
+            while ranges.len() > SHARED_RANGES {
+                ranges.pop_first();
+            }
+            cell
+        };
+        cell.get_or_try_init(|| async {
+            blocking(&self.store, move |s| s.changes(from, to))
+                .await
+                .map(Arc::new)
+        })
+        .await
+        .cloned()
     }
 
     fn bump_acks(&self) {
@@ -240,6 +272,30 @@ impl Hub {
         out
     }
 
+    /// Whether `propagation(revision, datasets, committed_ms).complete` holds,
+    /// by the same rules, without allocating or sorting: cheap enough to check
+    /// on every acknowledgement.
+    pub fn is_propagated(
+        &self,
+        revision: u64,
+        datasets: &BTreeSet<String>,
+        committed_ms: i64,
+    ) -> bool {
+        let map = self.sidecars.lock().expect("sidecars");
+        for s in map.values() {
+            if !intersects(&s.record.datasets, datasets) {
+                continue;
+            }
+            if !s.record.connected && s.record.since_ms < committed_ms {
+                continue;
+            }
+            if s.record.connected && s.record.acked_revision < revision {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Who has acknowledged `revision` among the sidecars subscribed to any of
     /// `datasets` (all when empty): every connected one, and those that
     /// disconnected after it committed, since they may hold the state before it.
@@ -293,5 +349,100 @@ impl Hub {
             complete,
             sidecars,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn hub(dir: &tempfile::TempDir) -> Arc<Hub> {
+        let store = SqliteStore::open(dir.path().join("consentd.db")).unwrap();
+        Hub::open(Arc::new(store), Settings::default()).unwrap()
+    }
+
+    fn put(hub: &Hub, node: &str, datasets: &[&str], acked: u64, connected: bool, since: i64) {
+        let record = SidecarRecord {
+            node_id: node.into(),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            acked_revision: acked,
+            acked_at_ms: 1_000 + acked as i64,
+            connected,
+            since_ms: since,
+            filter_version: String::new(),
+        };
+        let acks = VecDeque::from([(acked, record.acked_at_ms)]);
+        hub.sidecars.lock().unwrap().insert(
+            node.into(),
+            SidecarState {
+                record,
+                stream: 1,
+                acks,
+            },
+        );
+    }
+
+    #[test]
+    fn is_propagated_agrees_with_propagation() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let labs: BTreeSet<String> = ["labs".to_string()].into();
+        let billing: BTreeSet<String> = ["billing".to_string()].into();
+        let all = BTreeSet::new();
+        let committed = 500;
+        let check = |revision: u64, datasets: &BTreeSet<String>| {
+            let full = hub.propagation(revision, datasets, committed).complete;
+            assert_eq!(
+                hub.is_propagated(revision, datasets, committed),
+                full,
+                "revision {revision}, datasets {datasets:?}"
+            );
+            full
+        };
+        // No sidecars: trivially complete.
+        assert!(check(7, &all));
+        put(&hub, "a", &["labs"], 7, true, 0);
+        put(&hub, "b", &["billing"], 6, true, 0);
+        assert!(check(7, &labs));
+        assert!(!check(7, &billing));
+        assert!(!check(7, &all));
+        assert!(check(6, &all));
+        // Disconnected sidecars never hold a propagation back, before or after the commit.
+        put(&hub, "b", &["billing"], 6, false, 400);
+        assert!(check(7, &billing));
+        assert!(check(7, &all));
+        put(&hub, "b", &["billing"], 6, false, 600);
+        assert!(check(7, &all));
+        // A connected one behind on a dataset in both sets holds it back.
+        put(&hub, "c", &["labs", "billing"], 5, true, 0);
+        assert!(!check(7, &labs));
+        assert!(!check(7, &billing));
+        assert!(!check(6, &all));
+        assert!(check(5, &all));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_share_one_read_of_a_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let reads: Vec<_> = (0..16)
+            .map(|_| {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.changes(0, 0).await.unwrap() })
+            })
+            .collect();
+        let mut shared = Vec::new();
+        for r in reads {
+            shared.push(r.await.unwrap());
+        }
+        assert!(shared.iter().all(|c| Arc::ptr_eq(c, &shared[0])));
+        // Later askers for the same range get it too; older ranges are evicted.
+        assert!(Arc::ptr_eq(&hub.changes(0, 0).await.unwrap(), &shared[0]));
+        for to in 1..=SHARED_RANGES as u64 {
+            hub.changes(0, to).await.unwrap();
+        }
+        assert_eq!(hub.ranges.lock().unwrap().len(), SHARED_RANGES);
+        assert!(!Arc::ptr_eq(&hub.changes(0, 0).await.unwrap(), &shared[0]));
     }
 }

@@ -295,19 +295,20 @@ impl Session {
 
     async fn push_delta(&mut self, to: u64) -> Result<(), Status> {
         let from = self.sent;
-        let changes = blocking(&self.hub.store, move |s| s.changes(from, to)).await?;
+        // Shared with every other stream moving over the same range.
+        let changes = self.hub.changes(from, to).await?;
         let mut digest = self.digest;
         let (mut upserts, mut removals) = (Vec::new(), Vec::new());
-        for (old, new) in changes.grants {
-            let old = old.filter(|g| in_view(g, &self.datasets));
-            if let Some(old) = &old {
+        for (old, new) in &changes.grants {
+            let old = old.as_ref().filter(|g| in_view(g, &self.datasets));
+            if let Some(old) = old {
                 digest.remove(old);
             }
-            if in_view(&new, &self.datasets) {
-                digest.add(&new);
-                upserts.push(v1::Grant::from(&new));
+            if in_view(new, &self.datasets) {
+                digest.add(new);
+                upserts.push(v1::Grant::from(new));
             } else if old.is_some() {
-                removals.push(new.id);
+                removals.push(new.id.clone());
             }
         }
         self.send(control_message::Msg::Delta(v1::Delta {

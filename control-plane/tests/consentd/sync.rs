@@ -123,6 +123,45 @@ async fn sidecars_get_only_their_datasets_in_snapshots_and_deltas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_on_different_datasets_each_get_their_own_delta_of_one_revoke() {
+    // consentd reads a revision range once for all the streams following the
+    // head; each must still filter it by its own datasets.
+    let server = Server::start().await;
+    let mut admin = server.admin().await;
+    create(&mut admin, grant("g-1", &["labs"])).await;
+    create(&mut admin, grant("g-2", &["billing"])).await;
+    let head = 3;
+    let mut sidecars = Vec::new();
+    for (node, ds) in [
+        ("labs-1", "labs"),
+        ("billing-1", "billing"),
+        ("labs-2", "labs"),
+    ] {
+        let mut s = server.sidecar(node, &[ds]).await;
+        s.sync_to(head).await;
+        sidecars.push(s);
+    }
+    revoke(&mut admin, "g-1").await;
+    for s in &mut sidecars {
+        let labs = s.ids() == ["g-1"];
+        assert_eq!(
+            s.expect_update().await,
+            Got::Delta {
+                from: head,
+                to: head + 1,
+                upserts: if labs { vec!["g-1".into()] } else { vec![] },
+                removals: vec![],
+                keys: false
+            }
+        );
+        s.ack().await;
+    }
+    assert!(sidecars[0].snapshot.grants().all(|g| g.is_revoked()));
+    assert!(sidecars[1].snapshot.grants().all(|g| !g.is_revoked()));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_sends_deltas_when_the_log_holds_the_revision_else_a_snapshot() {
     let server = Server::start().await;
     let mut admin = server.admin().await;
