@@ -11,4 +11,4 @@ source scripts/lib.sh
 build_filter
 echo "==> building consentd and consent-bench (release)"
 cargo build --release -p consent-control-plane --bin consentd -p consent-benches --bin consent-bench
-exec target/release/consent-bench --command "./scripts/bench.sh $*" "$@"
+exec target/release/consent-bench --command "$(echo ./scripts/bench.sh "$@")" "$@"

@@ -399,3 +399,45 @@ fn verify_natively(keys: &KeySet, token: &str) -> anyhow::Result<Verify> {
         token_len: token.len(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole section at toy size: every kind answers as expected through
+    /// the filter, ext_authz and the native handler, and every figure is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_kind_is_measured_three_ways() {
+        let options = Options {
+            grants: 20,
+            hot_grants: 4,
+            requests: 12,
+            first_seen: 3,
+        };
+        let report = run(&options).await.expect("runs");
+        let names: Vec<&str> = report.kinds.iter().map(|k| k.name).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        for k in &report.kinds {
+            let expected = if k.name.starts_with("first-seen") {
+                3
+            } else {
+                12
+            };
+            for samples in [
+                &k.decision_ns,
+                &k.filter_ns,
+                &k.sim_round_trip_ns,
+                &k.ext_authz_ns,
+                &k.native_ns,
+            ] {
+                assert_eq!(samples.len(), expected, "{}", k.name);
+                assert!(samples.iter().all(|s| *s > 0.0), "{}", k.name);
+            }
+            assert!(k.host_calls > 0, "{}", k.name);
+        }
+        assert_eq!(report.kinds[2].status, 403);
+        // A pass-through request makes fewer host calls than a decision.
+        assert!(report.kinds[3].host_calls < report.kinds[0].host_calls);
+        assert!(report.wasm_bytes > 0 && report.verify.token_len > 0);
+    }
+}

@@ -121,7 +121,7 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> a
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("milliseconds from revoke committed (log scale)")
+        .x_desc("milliseconds from the revoke call (log scale)")
         .y_desc("fraction acknowledged")
         .x_label_formatter(&|x| format!("{x:.2}"))
         .draw()
