@@ -184,19 +184,8 @@ pub struct Case {
 /// The claims a token issued from `grant` carries.
 pub fn claims_for(grant: &Grant) -> ConsentClaims {
     ConsentClaims {
-        issuer: ISSUER.into(),
-        audience: AUDIENCE.into(),
-        subject: grant.subject.clone(),
-        grantee: grant.grantee.clone(),
-        grant_id: grant.id.clone(),
-        purposes: grant.purposes.clone(),
-        datasets: grant.datasets.clone(),
-        actions: grant.actions.clone(),
-        permissions: grant.permissions.clone(),
         issued_at: grant.not_before.max(NOW - 60),
-        not_before: grant.not_before,
-        expires_at: grant.expires_at,
-        jti: format!("jti-{}", grant.id),
+        ..ConsentClaims::for_grant(grant, ISSUER, AUDIENCE, &format!("jti-{}", grant.id))
     }
 }
 

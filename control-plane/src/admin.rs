@@ -241,19 +241,10 @@ impl AdminService {
         let key = current.signing_key()?;
         let jti = format!("t-{:032x}", rand::random::<u128>());
         let claims = ConsentClaims {
-            issuer: self.hub.settings.issuer.clone(),
-            audience: r.audience.clone(),
-            subject: grant.subject.clone(),
-            grantee: grant.grantee.clone(),
-            grant_id: grant.id.clone(),
-            purposes: grant.purposes.clone(),
-            datasets: grant.datasets.clone(),
-            actions: grant.actions.clone(),
-            permissions: grant.permissions.clone(),
             issued_at: now,
             not_before: now.max(grant.not_before),
             expires_at,
-            jti: jti.clone(),
+            ..ConsentClaims::for_grant(&grant, &self.hub.settings.issuer, &r.audience, &jti)
         };
         let token = consent_core::issue(&key, &claims).map_err(StoreError::internal)?;
         let record = crate::store::ChangeRecord {

@@ -51,19 +51,10 @@ fn snapshot_of(grants: Vec<Grant>, last_contact: UnixSeconds) -> Snapshot {
 
 fn claims_for(grant: &Grant) -> ConsentClaims {
     ConsentClaims {
-        issuer: "consentd".into(),
-        audience: "records-api".into(),
-        subject: grant.subject.clone(),
-        grantee: grant.grantee.clone(),
-        grant_id: grant.id.clone(),
-        purposes: grant.purposes.clone(),
-        datasets: grant.datasets.clone(),
-        actions: grant.actions.clone(),
-        permissions: grant.permissions.clone(),
         issued_at: NOW - 10,
         not_before: NOW - 10,
         expires_at: NOW + 300,
-        jti: "jti-1".into(),
+        ..ConsentClaims::for_grant(grant, "consentd", "records-api", "jti-1")
     }
 }
 

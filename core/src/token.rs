@@ -17,7 +17,7 @@ use jwt_simple::prelude::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::grant::{Permission, UnixSeconds, check_id};
+use crate::grant::{Grant, Permission, UnixSeconds, check_id};
 use crate::reason::Reason;
 
 /// The `typ` header of every consent token.
@@ -43,6 +43,29 @@ pub struct ConsentClaims {
     pub not_before: UnixSeconds,
     pub expires_at: UnixSeconds,
     pub jti: String,
+}
+
+impl ConsentClaims {
+    /// Claims carrying exactly `grant`'s scope, valid for the grant's whole
+    /// window. An issuer narrows the window with struct update syntax; the
+    /// scope is never wider than the grant's.
+    pub fn for_grant(grant: &Grant, issuer: &str, audience: &str, jti: &str) -> ConsentClaims {
+        ConsentClaims {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            subject: grant.subject.clone(),
+            grantee: grant.grantee.clone(),
+            grant_id: grant.id.clone(),
+            purposes: grant.purposes.clone(),
+            datasets: grant.datasets.clone(),
+            actions: grant.actions.clone(),
+            permissions: grant.permissions.clone(),
+            issued_at: grant.not_before,
+            not_before: grant.not_before,
+            expires_at: grant.expires_at,
+            jti: jti.to_owned(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
