@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use consent_control_plane::proto::sidecar_sync_client::SidecarSyncClient;
+use anyhow::bail;
 use consent_core::wire::v1;
-use consent_core::{Enforcement, KeySet, Snapshot, SnapshotAssembler, Update};
+use consent_core::{Enforcement, KeySet, Snapshot, SnapshotAssembler};
 use consent_filter::check::check;
 use consent_filter::config::Config;
 use consent_filter::request::{PEER_URI_SAN, RequestSource, extract};
@@ -29,10 +28,11 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
+
+use crate::propagation::{EmulatedSidecar, apply_control};
 
 fn unix_now() -> i64 {
     consent_sim::mesh::unix_now()
@@ -46,57 +46,30 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Subscribes and returns once a first snapshot is applied.
+    /// Subscribes and returns once a first snapshot is applied. The stream is
+    /// the propagation bench's emulated sidecar; only the snapshot is shared.
     pub async fn subscribe(
         endpoint: &str,
         node_id: &str,
         datasets: &[&str],
     ) -> anyhow::Result<Feed> {
-        let mut client = SidecarSyncClient::connect(endpoint.to_owned())
-            .await
-            .with_context(|| format!("cannot reach consentd at {endpoint}"))?;
-        let (out, rx) = mpsc::channel(16);
-        out.send(hello(node_id, datasets)).await?;
-        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let mut stream = EmulatedSidecar::connect(endpoint, 0, node_id, datasets).await?;
         let snapshot = Arc::new(RwLock::new(Snapshot::new()));
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let held = snapshot.clone();
         let task = tokio::spawn(async move {
             let mut first = Some(first_tx);
             let mut assembler = SnapshotAssembler::default();
-            while let Some(message) = inbound.message().await? {
-                let update = match message.msg {
-                    Some(v1::control_message::Msg::Snapshot(chunk)) => {
-                        match assembler.push(chunk.try_into()?)? {
-                            Some(full) => Update::Snapshot(full),
-                            None => continue,
-                        }
-                    }
-                    Some(v1::control_message::Msg::Delta(delta)) => {
-                        Update::Delta(delta.try_into()?)
-                    }
-                    Some(v1::control_message::Msg::Heartbeat(_)) => {
-                        held.write()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .touch(unix_now());
-                        continue;
-                    }
-                    None => bail!("consentd sent an empty control message"),
-                };
+            while let Some(msg) = stream.next().await? {
                 let ack = {
                     let mut s = held.write().unwrap_or_else(PoisonError::into_inner);
-                    s.apply(update, unix_now())?;
-                    v1::Ack {
-                        revision: s.revision(),
-                        digest: s.digest().to_bytes().to_vec(),
-                    }
+                    apply_control(&mut s, &mut assembler, msg).map_err(anyhow::Error::msg)?
                 };
-                out.send(v1::SidecarMessage {
-                    msg: Some(v1::sidecar_message::Msg::Ack(ack)),
-                })
-                .await?;
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(());
+                if let Some(ack) = ack {
+                    stream.send(v1::sidecar_message::Msg::Ack(ack)).await?;
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
                 }
             }
             Ok(())
@@ -121,18 +94,6 @@ impl Feed {
 impl Drop for Feed {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-fn hello(node_id: &str, datasets: &[&str]) -> v1::SidecarMessage {
-    v1::SidecarMessage {
-        msg: Some(v1::sidecar_message::Msg::Hello(v1::Hello {
-            node_id: node_id.into(),
-            datasets: datasets.iter().map(|d| d.to_string()).collect(),
-            resume_from_revision: 0,
-            snapshot_digest: Vec::new(),
-            filter_version: "ext-authz-bench".into(),
-        })),
     }
 }
 

@@ -598,38 +598,9 @@ impl EmulatedSidecar {
         })
     }
 
-    /// Applies one control message: `Some(ack)` when an update was applied
-    /// (or already held), `None` for a heartbeat or a partial snapshot.
+    /// Applies one control message to this sidecar's snapshot (see [`apply_control`]).
     pub(crate) fn apply(&mut self, msg: control_message::Msg) -> Result<Option<v1::Ack>, String> {
-        let now = unix_now();
-        let update = match msg {
-            control_message::Msg::Heartbeat(_) => {
-                if self.snapshot.is_synced() {
-                    self.snapshot.touch(now);
-                }
-                return Ok(None);
-            }
-            control_message::Msg::Snapshot(chunk) => {
-                let chunk = SnapshotChunk::try_from(chunk).map_err(|e| e.to_string())?;
-                match self.assembler.push(chunk).map_err(|e| e.to_string())? {
-                    Some(full) => Update::Snapshot(full),
-                    None => return Ok(None),
-                }
-            }
-            control_message::Msg::Delta(delta) => {
-                Update::Delta(consent_core::Delta::try_from(delta).map_err(|e| e.to_string())?)
-            }
-        };
-        match self
-            .snapshot
-            .apply(update, now)
-            .map_err(|e| e.to_string())?
-        {
-            Applied::Advanced { .. } | Applied::Duplicate => Ok(Some(v1::Ack {
-                revision: self.snapshot.revision(),
-                digest: self.snapshot.digest().to_bytes().to_vec(),
-            })),
-        }
+        apply_control(&mut self.snapshot, &mut self.assembler, msg)
     }
 
     /// The next control message; `None` when the stream ended cleanly.
@@ -677,6 +648,41 @@ impl EmulatedSidecar {
             }
         }
         Ok(())
+    }
+}
+
+/// Applies one control message to `snapshot` as the filter does: `Some(ack)`
+/// when an update was applied (or already held), `None` for a heartbeat or a
+/// partial snapshot; an error is what the filter would Nack.
+pub(crate) fn apply_control(
+    snapshot: &mut Snapshot,
+    assembler: &mut SnapshotAssembler,
+    msg: control_message::Msg,
+) -> Result<Option<v1::Ack>, String> {
+    let now = unix_now();
+    let update = match msg {
+        control_message::Msg::Heartbeat(_) => {
+            if snapshot.is_synced() {
+                snapshot.touch(now);
+            }
+            return Ok(None);
+        }
+        control_message::Msg::Snapshot(chunk) => {
+            let chunk = SnapshotChunk::try_from(chunk).map_err(|e| e.to_string())?;
+            match assembler.push(chunk).map_err(|e| e.to_string())? {
+                Some(full) => Update::Snapshot(full),
+                None => return Ok(None),
+            }
+        }
+        control_message::Msg::Delta(delta) => {
+            Update::Delta(consent_core::Delta::try_from(delta).map_err(|e| e.to_string())?)
+        }
+    };
+    match snapshot.apply(update, now).map_err(|e| e.to_string())? {
+        Applied::Advanced { .. } | Applied::Duplicate => Ok(Some(v1::Ack {
+            revision: snapshot.revision(),
+            digest: snapshot.digest().to_bytes().to_vec(),
+        })),
     }
 }
 
